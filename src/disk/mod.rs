@@ -1,0 +1,154 @@
+//! The guest's view of a disk: one trait over both formats (and raw files),
+//! parent resolution, and reads and writes through a differencing chain.
+
+pub mod chain;
+pub mod create;
+pub mod raw;
+pub mod vhd;
+pub mod vhdx;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::error::Result;
+
+pub use chain::{Chain, ChainOptions};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Vhdx,
+    Vhd,
+    Raw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Fixed,
+    Dynamic,
+    Differencing,
+}
+
+/// Where a run of a layer's virtual disk lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// In this file, starting at this file offset.
+    Data(u64),
+    /// Reads as zeros without looking further.
+    Zero,
+    /// Not in this layer: ask the parent (zeros when there is none).
+    Parent,
+}
+
+/// What a child says about its parent: where to look and what identity the
+/// parent must have.
+#[derive(Debug, Clone, Serialize)]
+pub struct ParentRef {
+    /// (how the candidate was derived, path) in the order to try them.
+    pub candidates: Vec<(String, PathBuf)>,
+    pub expected: Identity,
+}
+
+/// The identity a child links to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Identity {
+    /// VHDX: the parent's DataWriteGuid must equal one of these.
+    VhdxLinkage {
+        linkage: Uuid,
+        linkage2: Option<Uuid>,
+    },
+    /// VHD: the parent's footer unique id.
+    VhdUniqueId(Uuid),
+    None,
+}
+
+impl Identity {
+    pub fn accepts(&self, parent: &Identity) -> bool {
+        match (self, parent) {
+            (Identity::VhdxLinkage { linkage, linkage2 }, Identity::VhdxLinkage { linkage: p, .. }) => {
+                linkage == p || linkage2.as_ref() == Some(p)
+            }
+            (Identity::VhdUniqueId(a), Identity::VhdUniqueId(b)) => a == b,
+            _ => false,
+        }
+    }
+    pub fn describe(&self) -> String {
+        match self {
+            Identity::VhdxLinkage { linkage, linkage2 } => match linkage2 {
+                Some(l2) => format!("DataWriteGuid {{{linkage}}} (or parent_linkage2 {{{l2}}})"),
+                None => format!("DataWriteGuid {{{linkage}}}"),
+            },
+            Identity::VhdUniqueId(u) => format!("unique id {{{u}}}"),
+            Identity::None => "no identity".into(),
+        }
+    }
+}
+
+/// A summary of one file, for `info`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerInfo {
+    pub path: PathBuf,
+    pub format: Format,
+    pub kind: Kind,
+    pub virtual_size: u64,
+    pub block_size: u64,
+    pub logical_sector_size: u64,
+    pub physical_sector_size: u64,
+    pub file_size: u64,
+    pub allocated_blocks: u64,
+    pub allocated_bytes: u64,
+    /// VHDX: the four GUIDs and log state; VHD: unique id, creator, geometry.
+    pub details: serde_json::Value,
+    pub warnings: Vec<String>,
+}
+
+/// One file of a chain.
+pub trait Layer: Send + Sync {
+    fn path(&self) -> &Path;
+    fn format(&self) -> Format;
+    fn kind(&self) -> Kind;
+    fn virtual_size(&self) -> u64;
+    /// The allocation unit: runs returned by `map` never cross it.
+    fn block_size(&self) -> u64;
+    fn logical_sector_size(&self) -> u64;
+    /// The run at `offset` (at most `len` bytes, within one block).
+    fn map(&self, offset: u64, len: u64) -> Result<(Extent, u64)>;
+    /// Reads file bytes at a file offset returned by `map`.
+    fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Writes guest data, aligned to the logical sector size. Allocates
+    /// blocks and maintains bitmaps; `commit` makes metadata durable.
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Flushes data, then makes pending metadata durable (through the VHDX
+    /// log for VHDX files).
+    fn commit(&mut self) -> Result<()>;
+    /// Ends a write session (clears a live VHDX LogGuid). Idempotent.
+    fn close(&mut self) -> Result<()>;
+    fn parent_ref(&self) -> Option<ParentRef>;
+    /// The identity children link to.
+    fn identity(&self) -> Identity;
+    fn info(&self) -> Result<LayerInfo>;
+    /// Problems that allow reading but forbid writing (bad checksums).
+    fn warnings(&self) -> &[String];
+}
+
+/// Opens one file by its content (not its name): VHDX by its signature,
+/// VHD by its footer, anything else is refused (raw only on request).
+pub fn open_layer(path: &Path, writable: bool) -> Result<Box<dyn Layer>> {
+    let src = crate::io::FileStorage::open(path, false)?;
+    let mut sig = [0u8; 8];
+    let len = crate::io::Storage::len(&src).map_err(|e| crate::error::Error::io(path, "reading size", e))?;
+    if len >= 8 {
+        crate::io::Storage::read_at(&src, &mut sig, 0)
+            .map_err(|e| crate::error::Error::io(path, "reading the signature", e))?;
+    }
+    drop(src);
+    if &sig == crate::format::vhdx::FILE_SIGNATURE {
+        Ok(Box::new(vhdx::VhdxDisk::open(path, writable)?))
+    } else {
+        Ok(Box::new(vhd::VhdDisk::open(path, writable)?))
+    }
+}

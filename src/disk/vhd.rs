@@ -1,0 +1,403 @@
+//! A VHD file as a chain layer: fixed, dynamic and differencing. Appending a
+//! block orders its writes so that every crash point leaves a valid file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use uuid::Uuid;
+
+use super::{Extent, Format, Identity, Kind, Layer, LayerInfo, ParentRef};
+use crate::error::{Error, Result};
+use crate::format::vhd::{self as fv, DynHeader, Footer, SECTOR};
+use crate::io::{FileStorage, Src};
+
+pub struct VhdDisk {
+    src: Src,
+    writable: bool,
+    pub footer: Footer,
+    /// Where the trailing footer sits (EOF−512, or EOF−511 for old files).
+    footer_offset: u64,
+    pub header: Option<DynHeader>,
+    header_offset: u64,
+    bat: Vec<u32>,
+    size: u64,
+    warnings: Vec<String>,
+    /// One cached block bitmap: (block, bytes).
+    bitmap_cache: Mutex<Option<(u64, Vec<u8>)>>,
+}
+
+fn corrupt(path: &Path, what: &'static str, off: u64, detail: impl Into<String>) -> Error {
+    Error::corrupt(path, what, off, detail)
+}
+
+impl VhdDisk {
+    pub fn open(path: &Path, writable: bool) -> Result<VhdDisk> {
+        let src = Src::new(path, Box::new(FileStorage::open(path, writable)?));
+        let len = src.len()?;
+        let mut warnings = Vec::new();
+        let (footer, footer_offset) = read_footer(&src, len, &mut warnings)?;
+        let size = footer.disk_size();
+        let mut disk = VhdDisk {
+            src,
+            writable,
+            footer_offset,
+            header: None,
+            header_offset: 0,
+            bat: Vec::new(),
+            size,
+            warnings,
+            bitmap_cache: Mutex::new(None),
+            footer,
+        };
+        match disk.footer.disk_type {
+            fv::TYPE_FIXED => {
+                if size > footer_offset {
+                    return Err(corrupt(path, "footer", footer_offset, format!(
+                        "fixed disk of {size} bytes but only {footer_offset} bytes of data precede the footer; the file was truncated")));
+                }
+            }
+            fv::TYPE_DYNAMIC | fv::TYPE_DIFFERENCING => disk.read_dynamic()?,
+            t => return Err(Error::unsupported(path, "footer", format!("disk type {t} (only 2 fixed, 3 dynamic, 4 differencing exist)"))),
+        }
+        if size % SECTOR != 0 || size / SECTOR > fv::MAX_SECTORS {
+            return Err(corrupt(path, "footer", footer_offset, format!("disk size {size} is not a multiple of 512 up to 2040 GiB")));
+        }
+        Ok(disk)
+    }
+
+    fn read_dynamic(&mut self) -> Result<()> {
+        let path = self.src.path.clone();
+        let off = self.footer.data_offset;
+        if off < 512 || off.checked_add(1024).is_none_or(|e| e > self.footer_offset) {
+            return Err(corrupt(&path, "footer", self.footer_offset, format!("dynamic header offset {off:#x} lies outside the file")));
+        }
+        let raw = self.src.read_vec(fv::HEADER_SIZE, off, "the dynamic header")?;
+        let h = DynHeader::decode(&raw).map_err(|e| corrupt(&path, "dynamic header", off, e))?;
+        if !DynHeader::checksum_ok(&raw) {
+            self.warnings.push(format!("dynamic header at {off:#x} has a wrong checksum"));
+        }
+        let bs = u64::from(h.block_size);
+        if bs < SECTOR || !bs.is_power_of_two() || bs > 256 << 20 {
+            return Err(corrupt(&path, "dynamic header", off + 32, format!("block size {bs} is not a power of two between 512 bytes and 256 MiB")));
+        }
+        let entries = u64::from(h.max_table_entries);
+        if entries * bs < self.size {
+            return Err(corrupt(&path, "dynamic header", off + 28, format!("{entries} BAT entries of {bs} bytes cannot hold a {} byte disk", self.size)));
+        }
+        let needed = self.size.div_ceil(bs);
+        if h.table_offset.checked_add(needed * 4).is_none_or(|e| e > self.footer_offset) {
+            return Err(corrupt(&path, "dynamic header", off + 16, format!("BAT at {:#x} with {needed} entries lies outside the file", h.table_offset)));
+        }
+        let raw = self.src.read_vec((needed * 4) as usize, h.table_offset, "the BAT")?;
+        self.bat = raw.chunks_exact(4).map(|c| u32::from_be_bytes(c.try_into().expect("4"))).collect();
+        let block_bytes = h.bitmap_bytes() + bs;
+        for (i, &e) in self.bat.iter().enumerate() {
+            if e == fv::UNALLOCATED {
+                continue;
+            }
+            let at = u64::from(e) * SECTOR;
+            // The last block may be cut where the disk ends.
+            let used = h.bitmap_bytes() + bs.min(self.size - i as u64 * bs);
+            if at < off + 1024 || at + used > self.footer_offset {
+                return Err(corrupt(&path, "BAT entry", h.table_offset + 4 * i as u64, format!(
+                    "block {i} at {at:#x} (+{block_bytes:#x}) lies outside the data area; the file was truncated or the BAT is damaged")));
+            }
+        }
+        self.header_offset = off;
+        self.header = Some(h);
+        Ok(())
+    }
+
+    fn dyn_header(&self) -> &DynHeader {
+        self.header.as_ref().expect("dynamic or differencing")
+    }
+
+    fn bitmap(&self, block: u64) -> Result<Vec<u8>> {
+        let mut cache = self.bitmap_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((b, bytes)) = cache.as_ref()
+            && *b == block
+        {
+            return Ok(bytes.clone());
+        }
+        let at = u64::from(self.bat[block as usize]) * SECTOR;
+        let v = self.src.read_vec(self.dyn_header().bitmap_bytes() as usize, at, "a block bitmap")?;
+        *cache = Some((block, v.clone()));
+        Ok(v)
+    }
+
+    fn is_differencing(&self) -> bool {
+        self.footer.disk_type == fv::TYPE_DIFFERENCING
+    }
+
+    fn refuse_if_damaged(&self) -> Result<()> {
+        if !self.writable {
+            return Err(Error::WriteRefused { path: self.src.path.clone(), reason: "opened read-only".into() });
+        }
+        if let Some(w) = self.warnings.first() {
+            return Err(Error::WriteRefused { path: self.src.path.clone(), reason: format!("the file is damaged ({w}); repair or restore it first") });
+        }
+        Ok(())
+    }
+
+    /// Appends a zeroed block: footer at the new end (flush), then the BAT
+    /// entry (flush). The block is reachable only once its BAT entry is
+    /// durable, and the file is valid at every step.
+    fn allocate(&mut self, block: u64) -> Result<u64> {
+        let h = self.dyn_header().clone();
+        let bitmap = h.bitmap_bytes();
+        // Keep block data 4 KiB aligned, as Hyper-V and Xen do.
+        let data_at = (self.footer_offset + bitmap).next_multiple_of(4096);
+        let at = data_at - bitmap;
+        let new_footer = data_at + u64::from(h.block_size);
+        self.src.set_len(new_footer + 512)?;
+        self.src.write(&self.footer.encode(), new_footer, "the footer")?;
+        // The old footer now lies in the new block's bitmap or data: zero it
+        // before the BAT entry makes the block visible.
+        self.src.write(&[0u8; 512], self.footer_offset, "the old footer")?;
+        self.src.flush()?;
+        self.footer_offset = new_footer;
+        let sector = u32::try_from(at / SECTOR).map_err(|_| Error::unsupported(&self.src.path, "VHD", "file would exceed 2 TiB"))?;
+        self.bat[block as usize] = sector;
+        let entry_at = h.table_offset + block * 4;
+        self.src.write(&sector.to_be_bytes(), entry_at, "a BAT entry")?;
+        self.src.flush()?;
+        Ok(at)
+    }
+
+    fn write_block(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let h = self.dyn_header().clone();
+        let bs = u64::from(h.block_size);
+        let block = offset / bs;
+        let in_block = offset % bs;
+        let at = match self.bat[block as usize] {
+            fv::UNALLOCATED => self.allocate(block)?,
+            s => u64::from(s) * SECTOR,
+        };
+        self.src.write(data, at + h.bitmap_bytes() + in_block, "block data")?;
+        // Data first, then the bitmap bits that make it visible.
+        self.src.flush()?;
+        let mut bitmap = self.bitmap(block)?;
+        let first = in_block / SECTOR;
+        for s in first..first + data.len() as u64 / SECTOR {
+            fv::set_bit(&mut bitmap, s);
+        }
+        self.src.write(&bitmap, at, "a block bitmap")?;
+        *self.bitmap_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((block, bitmap));
+        Ok(())
+    }
+}
+
+fn read_footer(src: &Src, len: u64, warnings: &mut Vec<String>) -> Result<(Footer, u64)> {
+    let path = &src.path;
+    if len < 512 {
+        return Err(corrupt(path, "footer", 0, format!("file is {len} bytes, too small for a VHD footer")));
+    }
+    let tail = src.read_vec(512, len - 512, "the footer")?;
+    let mut found = None;
+    if &tail[..8] == fv::COOKIE {
+        found = Some((tail, len - 512));
+    } else if len >= 511 + 512 {
+        // Files from before Virtual PC 2004 have a 511-byte footer.
+        let mut short = src.read_vec(511, len - 511, "the footer")?;
+        if &short[..8] == fv::COOKIE {
+            short.push(0);
+            found = Some((short, len - 511));
+        }
+    }
+    let (raw, at) = match found {
+        Some(f) => f,
+        None => {
+            let head = src.read_vec(512, 0, "the footer copy")?;
+            if &head[..8] != fv::COOKIE {
+                return Err(corrupt(path, "footer", len - 512, "no 'conectix' cookie at the end of the file or at offset 0: not a VHD file"));
+            }
+            let f = Footer::decode(&head).map_err(|e| corrupt(path, "footer", 0, e))?;
+            if f.disk_type == fv::TYPE_FIXED {
+                return Err(corrupt(path, "footer", len - 512, "the footer at the end is missing and a fixed disk has no copy"));
+            }
+            warnings.push(format!("the footer at {:#x} is missing; the copy at offset 0 is used", len - 512));
+            // The data area ends where the footer should be.
+            return Ok((f, len - 512));
+        }
+    };
+    let f = Footer::decode(&raw).map_err(|e| corrupt(path, "footer", at, e))?;
+    if !Footer::checksum_ok(&raw) {
+        warnings.push(format!("footer at {at:#x} has a wrong checksum (stored {:#010x}, computed {:#010x})", f.checksum, fv::checksum(&raw, 64)));
+    }
+    Ok((f, at))
+}
+
+impl Layer for VhdDisk {
+    fn path(&self) -> &Path {
+        &self.src.path
+    }
+    fn format(&self) -> Format {
+        Format::Vhd
+    }
+    fn kind(&self) -> Kind {
+        match self.footer.disk_type {
+            fv::TYPE_FIXED => Kind::Fixed,
+            fv::TYPE_DIFFERENCING => Kind::Differencing,
+            _ => Kind::Dynamic,
+        }
+    }
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn block_size(&self) -> u64 {
+        match &self.header {
+            Some(h) => u64::from(h.block_size),
+            None => 2 << 20,
+        }
+    }
+    fn logical_sector_size(&self) -> u64 {
+        SECTOR
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<(Extent, u64)> {
+        let bs = self.block_size();
+        let in_block = offset % bs;
+        let n = len.min(bs - in_block).min(self.size.saturating_sub(offset));
+        let Some(h) = &self.header else {
+            return Ok((Extent::Data(offset), n));
+        };
+        let block = offset / bs;
+        let e = self.bat[block as usize];
+        if e == fv::UNALLOCATED {
+            return Ok((if self.is_differencing() { Extent::Parent } else { Extent::Zero }, n));
+        }
+        let data = u64::from(e) * SECTOR + h.bitmap_bytes() + in_block;
+        if !self.is_differencing() {
+            return Ok((Extent::Data(data), n));
+        }
+        let bitmap = self.bitmap(block)?;
+        let first = in_block / SECTOR;
+        let set = fv::bit(&bitmap, first);
+        let last = (in_block + n).div_ceil(SECTOR);
+        let mut s = first + 1;
+        while s < last && fv::bit(&bitmap, s) == set {
+            s += 1;
+        }
+        let run = (s * SECTOR - in_block).min(n);
+        Ok((if set { Extent::Data(data) } else { Extent::Parent }, run))
+    }
+
+    fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.src.read(buf, file_offset, "block data")
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.refuse_if_damaged()?;
+        if offset % SECTOR != 0 || data.len() as u64 % SECTOR != 0 || offset + data.len() as u64 > self.size {
+            return Err(Error::Invalid(format!("{}: write of {} bytes at {offset} is not sector aligned or passes the disk's end", self.src.path.display(), data.len())));
+        }
+        if self.header.is_none() {
+            return self.src.write(data, offset, "disk data");
+        }
+        let bs = self.block_size();
+        let mut done = 0usize;
+        while done < data.len() {
+            let off = offset + done as u64;
+            let n = ((bs - off % bs) as usize).min(data.len() - done);
+            self.write_block(off, &data[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        if self.writable {
+            self.src.flush()?;
+        }
+        Ok(())
+    }
+
+    fn close(&mut self) -> Result<()> {
+        self.commit()
+    }
+
+    fn parent_ref(&self) -> Option<ParentRef> {
+        if !self.is_differencing() {
+            return None;
+        }
+        let h = self.header.as_ref()?;
+        let dir = self.src.path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut candidates: Vec<(String, PathBuf)> = Vec::new();
+        let mut by_code: Vec<(&[u8; 4], String)> = Vec::new();
+        for l in &h.locators {
+            if l.data_length == 0 || l.data_length > 64 * 1024 {
+                continue;
+            }
+            let Ok(raw) = self.src.read_vec(l.data_length as usize, l.data_offset, "a parent locator") else { continue };
+            if let Some(text) = fv::decode_locator_text(&l.code, &raw) {
+                by_code.push((&l.code, text));
+            }
+        }
+        for code in [b"W2ru", b"Wi2r", b"W2ku", b"Wi2k"] {
+            for (c, text) in &by_code {
+                if *c != code {
+                    continue;
+                }
+                let label = String::from_utf8_lossy(code.as_slice()).to_string();
+                if code == b"W2ru" || code == b"Wi2r" {
+                    candidates.push((label, dir.join(text.replace('\\', "/"))));
+                } else if let Some(name) = text.rsplit(['\\', '/']).next().filter(|n| !n.is_empty()) {
+                    candidates.push((format!("{label} (file name in the child's folder)"), dir.join(name)));
+                }
+            }
+        }
+        if let Some(name) = h.parent_name.rsplit(['\\', '/']).next().filter(|n| !n.is_empty()) {
+            candidates.push(("parent name".into(), dir.join(name)));
+        }
+        Some(ParentRef { candidates, expected: Identity::VhdUniqueId(h.parent_unique_id) })
+    }
+
+    fn identity(&self) -> Identity {
+        Identity::VhdUniqueId(self.footer.unique_id)
+    }
+
+    fn info(&self) -> Result<LayerInfo> {
+        let allocated = self.bat.iter().filter(|&&e| e != fv::UNALLOCATED).count() as u64;
+        let (blocks, bytes) = match &self.header {
+            Some(h) => (allocated, allocated * u64::from(h.block_size)),
+            None => (self.size.div_ceil(2 << 20), self.size),
+        };
+        let f = &self.footer;
+        let details = serde_json::json!({
+            "unique_id": f.unique_id.to_string(),
+            "creator_app": String::from_utf8_lossy(&f.creator_app),
+            "creator_os": String::from_utf8_lossy(&f.creator_os),
+            "creator_version": format!("{:#x}", f.creator_version),
+            "timestamp": u64::from(f.timestamp) + fv::TIMESTAMP_BASE,
+            "current_size": f.current_size,
+            "chs": [f.cylinders, u16::from(f.heads), u16::from(f.sectors_per_track)],
+            "chs_size": f.chs_size(),
+            "footer_offset": self.footer_offset,
+            "parent_unique_id": self.header.as_ref().filter(|_| self.is_differencing()).map(|h| h.parent_unique_id.to_string()),
+            "parent_name": self.header.as_ref().filter(|_| self.is_differencing()).map(|h| h.parent_name.clone()),
+        });
+        Ok(LayerInfo {
+            path: self.src.path.clone(),
+            format: Format::Vhd,
+            kind: self.kind(),
+            virtual_size: self.size,
+            block_size: self.block_size(),
+            logical_sector_size: SECTOR,
+            physical_sector_size: SECTOR,
+            file_size: self.src.len()?,
+            allocated_blocks: blocks,
+            allocated_bytes: bytes,
+            details,
+            warnings: self.warnings.clone(),
+        })
+    }
+
+    fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+}
+
+/// A fresh unique id for new disks.
+pub fn new_unique_id() -> Uuid {
+    Uuid::new_v4()
+}

@@ -1,0 +1,869 @@
+//! A VHDX file as a chain layer: open (with log replay), map reads through
+//! the BAT and sector bitmaps, and write with BAT/bitmap updates that go
+//! through the VHDX log.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use uuid::Uuid;
+
+use super::{Extent, Format, Identity, Kind, Layer, LayerInfo, ParentRef};
+use crate::error::{Error, Result};
+use crate::format::vhdx::bat::{self, Geometry};
+use crate::format::vhdx::header::{self, Header};
+use crate::format::vhdx::log as vlog;
+use crate::format::vhdx::metadata::{self as md, FileParameters, MetadataEntry, ParentLocator};
+use crate::format::vhdx::region::{self, RegionEntry, RegionTable};
+use crate::format::vhdx::{self as fx, HEADER_OFFSETS, MIB, REGION_OFFSETS};
+use crate::io::{FileStorage, Overlay, Src};
+
+const MAX_TB: u64 = 64 << 40;
+
+/// How the log looked at open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogState {
+    Empty,
+    /// A live log was replayed in memory; the file is unchanged.
+    ReplayedInMemory { entries: usize },
+    /// A live log was replayed into the file (writable open).
+    ReplayedOnDisk { entries: usize },
+}
+
+/// Open-time state of a write session.
+struct Session {
+    log_position: u64,
+    log_sequence: u64,
+}
+
+pub struct VhdxDisk {
+    src: Src,
+    writable: bool,
+    header: Header,
+    header_slot: usize,
+    regions: RegionTable,
+    bat_region: RegionEntry,
+    meta_region: RegionEntry,
+    meta_entries: Vec<MetadataEntry>,
+    pub params: FileParameters,
+    pub virtual_size: u64,
+    pub disk_id: Uuid,
+    pub logical_sector: u64,
+    pub physical_sector: u64,
+    pub locator: Option<ParentLocator>,
+    pub creator: String,
+    geo: Geometry,
+    bat: Vec<u64>,
+    log_state: LogState,
+    warnings: Vec<String>,
+    session: Option<Session>,
+    /// Changed BAT entries not yet committed.
+    dirty_bat: BTreeMap<u64, ()>,
+    /// Changed 4 KiB sector-bitmap pages (file offset → page), not yet committed.
+    dirty_sb: BTreeMap<u64, Vec<u8>>,
+    /// One cached 1 MiB bitmap block: (file offset, bytes).
+    sb_cache: Mutex<Option<(u64, Vec<u8>)>>,
+    file_len: u64,
+}
+
+fn corrupt(path: &Path, what: &'static str, off: u64, detail: impl Into<String>) -> Error {
+    Error::corrupt(path, what, off, detail)
+}
+
+impl VhdxDisk {
+    pub fn open(path: &Path, writable: bool) -> Result<VhdxDisk> {
+        let file = FileStorage::open(path, writable)?;
+        let mut src = Src::new(path, Box::new(file));
+        let file_len = src.len()?;
+        if file_len < 1 << 20 {
+            return Err(corrupt(path, "VHDX file", 0, format!("file is {file_len} bytes, smaller than the 1 MiB header section")));
+        }
+        let id = src.read_vec(64 * 1024, 0, "the file type identifier")?;
+        if &id[..8] != fx::FILE_SIGNATURE {
+            return Err(corrupt(path, "file type identifier", 0, "signature is not 'vhdxfile'"));
+        }
+        let creator = fx::decode_creator(&id);
+        let (header, header_slot, mut warnings) = read_headers(&src)?;
+        check_header(path, &header, file_len)?;
+
+        let mut log_state = LogState::Empty;
+        if !header.log_guid.is_nil() {
+            let entries = find_log(&src, &header, file_len)?;
+            let n = entries.len();
+            if writable {
+                replay_on_disk(&src, &header, header_slot, &entries)?;
+                log_state = LogState::ReplayedOnDisk { entries: n };
+            } else {
+                let base = FileStorage::open(path, false)?;
+                let overlay = Overlay::new(base).map_err(|e| Error::io(path, "opening", e))?;
+                vlog::replay(&overlay, &entries).map_err(|e| Error::io(path, "replaying the log in memory", e))?;
+                src = Src::new(path, Box::new(overlay));
+                log_state = LogState::ReplayedInMemory { entries: n };
+            }
+        }
+        // Re-read headers if replay happened on disk (it updated them).
+        let (header, header_slot) = if matches!(log_state, LogState::ReplayedOnDisk { .. }) {
+            let (h, s, _) = read_headers(&src)?;
+            (h, s)
+        } else {
+            (header, header_slot)
+        };
+        let file_len = src.len()?;
+
+        let regions = read_regions(&src, &mut warnings)?;
+        let bat_region = regions.find(region::BAT_GUID).cloned().ok_or_else(|| {
+            corrupt(path, "region table", REGION_OFFSETS[0], "no BAT region")
+        })?;
+        let meta_region = regions.find(region::METADATA_GUID).cloned().ok_or_else(|| {
+            corrupt(path, "region table", REGION_OFFSETS[0], "no metadata region")
+        })?;
+        for r in &regions.entries {
+            check_region(path, r, file_len)?;
+            if r.guid != region::BAT_GUID && r.guid != region::METADATA_GUID && r.required {
+                return Err(Error::unsupported(path, "region", format!("unknown required region {{{}}}", r.guid)));
+            }
+        }
+        let meta = read_metadata(&src, &meta_region)?;
+        let geo = Geometry {
+            virtual_size: meta.virtual_size,
+            block_size: u64::from(meta.params.block_size),
+            logical_sector: meta.logical_sector,
+        };
+        let mut disk = VhdxDisk {
+            writable,
+            header,
+            header_slot,
+            regions,
+            bat_region,
+            meta_region,
+            meta_entries: meta.entries,
+            params: meta.params,
+            virtual_size: meta.virtual_size,
+            disk_id: meta.disk_id,
+            logical_sector: meta.logical_sector,
+            physical_sector: meta.physical_sector,
+            locator: meta.locator,
+            creator,
+            geo,
+            bat: Vec::new(),
+            log_state,
+            warnings,
+            session: None,
+            dirty_bat: BTreeMap::new(),
+            dirty_sb: BTreeMap::new(),
+            sb_cache: Mutex::new(None),
+            file_len,
+            src,
+        };
+        disk.bat = disk.read_bat()?;
+        disk.check_layout()?;
+        Ok(disk)
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+    pub fn log_state(&self) -> LogState {
+        self.log_state
+    }
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+    pub fn bat_entry(&self, block: u64) -> u64 {
+        self.bat[self.geo.pb_index(block) as usize]
+    }
+    pub fn has_parent(&self) -> bool {
+        self.params.has_parent
+    }
+    pub fn regions(&self) -> &RegionTable {
+        &self.regions
+    }
+    pub fn metadata_entries(&self) -> &[MetadataEntry] {
+        &self.meta_entries
+    }
+
+    fn read_bat(&self) -> Result<Vec<u64>> {
+        let path = &self.src.path;
+        let n = self.geo.entries(self.params.has_parent);
+        let need = n * 8;
+        if need > u64::from(self.bat_region.length) {
+            return Err(corrupt(path, "BAT region", self.bat_region.file_offset, format!(
+                "{n} entries are needed for a {} byte disk with {} byte blocks, the region holds {}",
+                self.virtual_size, self.geo.block_size, self.bat_region.length / 8)));
+        }
+        let raw = self.src.read_vec(need as usize, self.bat_region.file_offset, "the BAT")?;
+        Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8"))).collect())
+    }
+
+    /// Every allocated structure lies after the header section, inside the
+    /// file (or is refused), and nothing overlaps (MS-VHDX 2.5.1).
+    fn check_layout(&self) -> Result<()> {
+        let path = &self.src.path;
+        let mut spans: Vec<(u64, u64, String)> = Vec::new();
+        if self.header.log_length > 0 {
+            spans.push((self.header.log_offset, u64::from(self.header.log_length), "log".into()));
+        }
+        for r in &self.regions.entries {
+            let name = if r.guid == region::BAT_GUID { "BAT region".to_string() } else if r.guid == region::METADATA_GUID { "metadata region".into() } else { format!("region {{{}}}", r.guid) };
+            spans.push((r.file_offset, u64::from(r.length), name));
+        }
+        let cr = self.geo.chunk_ratio();
+        for (i, &e) in self.bat.iter().enumerate() {
+            let i = i as u64;
+            let is_sb = (i + 1) % (cr + 1) == 0;
+            let st = bat::state(e);
+            let at = self.bat_region.file_offset + i * 8;
+            let (present, len, what) = if is_sb {
+                match st {
+                    bat::SB_NOT_PRESENT => (false, MIB, "sector bitmap"),
+                    bat::SB_PRESENT if self.params.has_parent => (true, MIB, "sector bitmap"),
+                    _ => return Err(corrupt(path, "BAT entry", at, format!("sector bitmap entry {i} has invalid state {st}"))),
+                }
+            } else {
+                match st {
+                    0..=3 | bat::PAYLOAD_UNMAPPED_V095 => (false, 0, ""),
+                    bat::PAYLOAD_FULLY_PRESENT => (true, self.geo.block_size, "payload block"),
+                    bat::PAYLOAD_PARTIALLY_PRESENT if self.params.has_parent => {
+                        let sb = self.bat[self.geo.sb_index(i / (cr + 1) * cr) as usize];
+                        if bat::state(sb) != bat::SB_PRESENT {
+                            return Err(corrupt(path, "BAT entry", at, format!("payload entry {i} is PARTIALLY_PRESENT but its chunk's sector bitmap is not present")));
+                        }
+                        (true, self.geo.block_size, "payload block")
+                    }
+                    _ => return Err(corrupt(path, "BAT entry", at, format!("payload entry {i} has invalid state {st} ({})", bat::state_name(st)))),
+                }
+            };
+            if !present {
+                continue;
+            }
+            let off = bat::offset(e);
+            if off < MIB {
+                return Err(corrupt(path, "BAT entry", at, format!("{what} entry {i} points at {off:#x}, inside the header section")));
+            }
+            // A partial last block may end past EOF only by its unused part.
+            let block = i - i / (cr + 1);
+            if !is_sb && block >= self.geo.payload_blocks() {
+                return Err(corrupt(path, "BAT entry", at, format!("payload entry {i} is allocated but lies past the disk's last block")));
+            }
+            let used = if is_sb { len } else { len.min(self.virtual_size - block * self.geo.block_size) };
+            if off + used > self.file_len {
+                return Err(corrupt(path, "BAT entry", at, format!(
+                    "{what} entry {i} at {off:#x} (+{used:#x}) ends past the end of the file ({:#x}); the file was truncated", self.file_len)));
+            }
+            spans.push((off, len, format!("{what} (BAT entry {i})")));
+        }
+        spans.sort();
+        for w in spans.windows(2) {
+            if w[0].0 + w[0].1 > w[1].0 {
+                return Err(corrupt(path, "file layout", w[1].0, format!("{} at {:#x} overlaps {} at {:#x}", w[1].2, w[1].0, w[0].2, w[0].0)));
+            }
+        }
+        Ok(())
+    }
+
+    fn sb_offset(&self, block: u64) -> Option<u64> {
+        let e = self.bat[self.geo.sb_index(block) as usize];
+        (bat::state(e) == bat::SB_PRESENT).then(|| bat::offset(e))
+    }
+
+    /// The sector bitmap slice of `block`, from the dirty pages, the cache or the file.
+    fn bitmap_slice(&self, block: u64) -> Result<Vec<u8>> {
+        let sb = self.sb_offset(block).expect("partial blocks have a bitmap");
+        let (start, len) = self.geo.bitmap_slice(block);
+        let mut cache = self.sb_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.as_ref().is_none_or(|(o, _)| *o != sb) {
+            let v = self.src.read_vec(MIB as usize, sb, "a sector bitmap block")?;
+            *cache = Some((sb, v));
+        }
+        let (_, bytes) = cache.as_ref().expect("filled");
+        let mut out = bytes[start as usize..(start + len) as usize].to_vec();
+        for (page_off, page) in self.dirty_sb.range(sb + start / 4096 * 4096..sb + start + len) {
+            let page_start = page_off - sb;
+            for (i, b) in page.iter().enumerate() {
+                let pos = page_start + i as u64;
+                if pos >= start && pos < start + len {
+                    out[(pos - start) as usize] = *b;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn start_session(&mut self) -> Result<()> {
+        if self.session.is_some() {
+            return Ok(());
+        }
+        if !self.writable {
+            return Err(Error::WriteRefused { path: self.src.path.clone(), reason: "opened read-only".into() });
+        }
+        if let Some(w) = self.warnings.first() {
+            return Err(Error::WriteRefused { path: self.src.path.clone(), reason: format!("the file is damaged ({w}); repair or restore it first") });
+        }
+        // Keep the file a whole number of MiB so log entries can state its size.
+        let aligned = self.file_len.next_multiple_of(MIB);
+        if aligned != self.file_len {
+            self.src.set_len(aligned)?;
+            self.file_len = aligned;
+        }
+        let mut h = self.header.clone();
+        h.file_write_guid = Uuid::new_v4();
+        h.data_write_guid = Uuid::new_v4();
+        h.log_guid = Uuid::new_v4();
+        self.write_header_twice(h)?;
+        self.session = Some(Session { log_position: 0, log_sequence: 1 });
+        Ok(())
+    }
+
+    /// Writes `h` (with the next sequence numbers) into both slots, the
+    /// non-current one first, flushing after each (MS-VHDX 2.2.2.1).
+    fn write_header_twice(&mut self, mut h: Header) -> Result<()> {
+        for _ in 0..2 {
+            h.sequence = self.header.sequence + 1;
+            let slot = 1 - self.header_slot;
+            self.src.write(&h.encode(), HEADER_OFFSETS[slot], "a header")?;
+            self.src.flush()?;
+            self.header = h.clone();
+            self.header_slot = slot;
+        }
+        Ok(())
+    }
+
+    /// Appends a zeroed, 1 MiB-aligned span at the end of the file.
+    fn allocate(&mut self, len: u64) -> Result<u64> {
+        let at = self.file_len.next_multiple_of(MIB);
+        self.file_len = at + len.next_multiple_of(MIB);
+        self.src.set_len(self.file_len)?;
+        Ok(at)
+    }
+
+    fn set_bat(&mut self, index: u64, value: u64) {
+        self.bat[index as usize] = value;
+        self.dirty_bat.insert(index, ());
+    }
+
+    fn set_bits(&mut self, block: u64, first: u64, count: u64) -> Result<()> {
+        let sb = self.sb_offset(block).expect("bitmap allocated");
+        let (start, _) = self.geo.bitmap_slice(block);
+        for s in first..first + count {
+            let byte = sb + start + s / 8;
+            let page = byte / 4096 * 4096;
+            if !self.dirty_sb.contains_key(&page) {
+                let p = self.src.read_vec(4096, page, "a sector bitmap page")?;
+                self.dirty_sb.insert(page, p);
+            }
+            let p = self.dirty_sb.get_mut(&page).expect("inserted");
+            p[(byte - page) as usize] |= 1 << (s % 8);
+        }
+        Ok(())
+    }
+
+    fn ensure_bitmap(&mut self, block: u64) -> Result<()> {
+        if self.sb_offset(block).is_none() {
+            let at = self.allocate(MIB)?;
+            self.set_bat(self.geo.sb_index(block), bat::entry(bat::SB_PRESENT, at));
+        }
+        Ok(())
+    }
+
+    /// Writes within one block.
+    fn write_block(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let bs = self.geo.block_size;
+        let block = offset / bs;
+        let in_block = offset % bs;
+        let idx = self.geo.pb_index(block);
+        let e = self.bat[idx as usize];
+        let st = bat::state(e);
+        let whole = in_block == 0 && data.len() as u64 == bs.min(self.virtual_size - block * bs);
+        let base = match st {
+            bat::PAYLOAD_FULLY_PRESENT | bat::PAYLOAD_PARTIALLY_PRESENT => bat::offset(e),
+            _ => {
+                let at = self.allocate(bs)?;
+                // A differencing block that was NOT_PRESENT shows the parent
+                // outside the written sectors; any other state reads zeros,
+                // which the fresh (zeroed) block keeps.
+                let partial = self.params.has_parent && st == bat::PAYLOAD_NOT_PRESENT && !whole;
+                if partial {
+                    self.ensure_bitmap(block)?;
+                    self.set_bat(idx, bat::entry(bat::PAYLOAD_PARTIALLY_PRESENT, at));
+                } else {
+                    self.set_bat(idx, bat::entry(bat::PAYLOAD_FULLY_PRESENT, at));
+                }
+                at
+            }
+        };
+        self.src.write(data, base + in_block, "payload data")?;
+        if bat::state(self.bat[idx as usize]) == bat::PAYLOAD_PARTIALLY_PRESENT {
+            let ls = self.logical_sector;
+            self.set_bits(block, in_block / ls, data.len() as u64 / ls)?;
+        }
+        Ok(())
+    }
+
+    /// Collects the 4 KiB pages that changed (BAT and bitmap) as log writes.
+    fn dirty_pages(&mut self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut pages: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let bat_off = self.bat_region.file_offset;
+        for &idx in self.dirty_bat.keys() {
+            let page = (bat_off + idx * 8) / 4096 * 4096;
+            if pages.contains_key(&page) {
+                continue;
+            }
+            let mut p = self.src.read_vec(4096, page, "a BAT page")?;
+            let first = (page - bat_off) / 8;
+            for (i, chunk) in p.chunks_exact_mut(8).enumerate() {
+                if let Some(v) = self.bat.get((first + i as u64) as usize) {
+                    chunk.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            pages.insert(page, p);
+        }
+        for (off, p) in std::mem::take(&mut self.dirty_sb) {
+            pages.insert(off, p);
+        }
+        self.dirty_bat.clear();
+        Ok(pages.into_iter().collect())
+    }
+
+    /// Writes `pages` through the log: entry → flush → apply → flush. Entries
+    /// are self-contained (tail = own position) since each is applied before
+    /// the next one is written.
+    fn log_and_apply(&mut self, pages: &[(u64, Vec<u8>)]) -> Result<()> {
+        let log_len = u64::from(self.header.log_length);
+        let log_off = self.header.log_offset;
+        let max_per_entry = ((log_len / vlog::SECTOR).saturating_sub(2) as usize).clamp(1, 4000);
+        for group in pages.chunks(max_per_entry) {
+            let session = self.session.as_mut().expect("session started");
+            let count = group.len() as u64;
+            let size = (vlog::descriptor_sectors(count) + count) * vlog::SECTOR;
+            if size > log_len {
+                return Err(Error::unsupported(&self.src.path, "log", format!("log of {log_len} bytes is too small for an entry of {size}")));
+            }
+            if session.log_position + size > log_len {
+                session.log_position = 0;
+            }
+            let writes: Vec<(u64, &[u8])> = group.iter().map(|(o, p)| (*o, p.as_slice())).collect();
+            let entry = vlog::encode_entry(&self.header.log_guid, session.log_sequence, session.log_position as u32, self.file_len, &writes);
+            let at = log_off + session.log_position;
+            session.log_position += size;
+            session.log_sequence += 1;
+            self.src.write(&entry, at, "a log entry")?;
+            self.src.flush()?;
+            for (o, p) in group {
+                self.src.write(p, *o, "a metadata page")?;
+            }
+            self.src.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the parent locator (used when re-linking a child).
+    pub fn set_locator(&mut self, locator: &ParentLocator) -> Result<()> {
+        self.start_session()?;
+        let original = self.src.read_vec(self.meta_region.length as usize, self.meta_region.file_offset, "the metadata region")?;
+        let mut region = original.clone();
+        let bytes = locator.encode();
+        let idx = self.meta_entries.iter().position(|e| e.item == md::PARENT_LOCATOR && !e.is_user()).ok_or_else(|| Error::Invalid(format!("{}: no parent locator to replace", self.src.path.display())))?;
+        // Place the new item after every existing item; the old one stays
+        // until the table entry that points at it has been replaced.
+        let end = self.meta_entries.iter().map(|e| e.offset + e.length).max().unwrap_or(64 * 1024).next_multiple_of(8);
+        if end as usize + bytes.len() > region.len() {
+            return Err(Error::unsupported(&self.src.path, "metadata region", "no room for a new parent locator"));
+        }
+        region[end as usize..end as usize + bytes.len()].copy_from_slice(&bytes);
+        self.meta_entries[idx].offset = end;
+        self.meta_entries[idx].length = bytes.len() as u32;
+        let table = md::encode_table(&self.meta_entries);
+        region[..table.len()].copy_from_slice(&table);
+        let base = self.meta_region.file_offset;
+        let pages: Vec<(u64, Vec<u8>)> = region
+            .chunks(4096)
+            .zip(original.chunks(4096))
+            .enumerate()
+            .filter(|(_, (new, old))| new != old)
+            .map(|(i, (new, _))| (base + i as u64 * 4096, new.to_vec()))
+            .collect();
+        self.log_and_apply(&pages)?;
+        self.locator = Some(locator.clone());
+        Ok(())
+    }
+}
+
+struct Meta {
+    entries: Vec<MetadataEntry>,
+    params: FileParameters,
+    virtual_size: u64,
+    disk_id: Uuid,
+    logical_sector: u64,
+    physical_sector: u64,
+    locator: Option<ParentLocator>,
+}
+
+fn read_headers(src: &Src) -> Result<(Header, usize, Vec<String>)> {
+    let mut slots = [Err(header::HeaderFault::Signature), Err(header::HeaderFault::Signature)];
+    for (i, off) in HEADER_OFFSETS.iter().enumerate() {
+        let b = src.read_vec(header::SIZE, *off, "a header")?;
+        slots[i] = Header::decode(&b);
+    }
+    let mut warnings = Vec::new();
+    for (i, s) in slots.iter().enumerate() {
+        if let Err(f) = s {
+            warnings.push(format!("header {} at {:#x} is not valid: {f}; the other copy is used", i + 1, HEADER_OFFSETS[i]));
+        }
+    }
+    let Some(cur) = header::current(&slots) else {
+        let detail = match (&slots[0], &slots[1]) {
+            (Err(a), Err(b)) => format!("neither header is valid (header 1: {a}; header 2: {b})"),
+            _ => "both headers are valid with the same sequence number but different contents".into(),
+        };
+        return Err(corrupt(&src.path, "headers", HEADER_OFFSETS[0], detail));
+    };
+    // A torn update of the non-current header is normal after a crash.
+    if warnings.len() == 1 {
+        warnings.clear();
+    }
+    let h = slots[cur].clone().expect("current is valid");
+    Ok((h, cur, warnings))
+}
+
+fn check_header(path: &Path, h: &Header, file_len: u64) -> Result<()> {
+    let at = HEADER_OFFSETS[0];
+    if h.version != 1 {
+        return Err(Error::unsupported(path, "header", format!("version {} (only 1 is defined)", h.version)));
+    }
+    if h.log_offset % MIB != 0 || u64::from(h.log_length) % MIB != 0 {
+        return Err(corrupt(path, "header", at, format!("log at {:#x} length {:#x} is not 1 MiB aligned", h.log_offset, h.log_length)));
+    }
+    if !h.log_guid.is_nil() {
+        if h.log_version != 0 {
+            return Err(Error::unsupported(path, "log", format!("log version {}", h.log_version)));
+        }
+        if h.log_offset < MIB || h.log_length == 0 || h.log_offset + u64::from(h.log_length) > file_len {
+            return Err(corrupt(path, "header", at, format!("log at {:#x} length {:#x} lies outside the file ({file_len} bytes)", h.log_offset, h.log_length)));
+        }
+    }
+    Ok(())
+}
+
+fn find_log(src: &Src, h: &Header, file_len: u64) -> Result<Vec<vlog::Entry>> {
+    let log = src.read_vec(h.log_length as usize, h.log_offset, "the log")?;
+    let entries = vlog::active_sequence(&log, &h.log_guid).ok_or_else(|| {
+        corrupt(&src.path, "log", h.log_offset, format!(
+            "LogGuid {{{}}} says the log is live but no complete entry sequence was found; the file cannot be brought to a consistent state", h.log_guid))
+    })?;
+    let head = entries.last().expect("non-empty");
+    if file_len < head.flushed_file_offset {
+        return Err(corrupt(&src.path, "log", h.log_offset + head.position, format!(
+            "file is {file_len} bytes but the log says {} bytes were flushed; the file was truncated", head.flushed_file_offset)));
+    }
+    Ok(entries)
+}
+
+/// MS-VHDX 2.3.3 for a writable open: new FileWriteGuid first, replay, then
+/// clear LogGuid.
+fn replay_on_disk(src: &Src, h: &Header, slot: usize, entries: &[vlog::Entry]) -> Result<()> {
+    let mut h2 = h.clone();
+    h2.sequence += 1;
+    h2.file_write_guid = Uuid::new_v4();
+    src.write(&h2.encode(), HEADER_OFFSETS[1 - slot], "a header")?;
+    src.flush()?;
+    vlog::replay(src.io.as_ref(), entries).map_err(|e| Error::io(&src.path, "replaying the log", e))?;
+    src.flush()?;
+    let mut h3 = h2.clone();
+    h3.sequence += 1;
+    h3.log_guid = Uuid::nil();
+    src.write(&h3.encode(), HEADER_OFFSETS[slot], "a header")?;
+    src.flush()?;
+    let mut h4 = h3.clone();
+    h4.sequence += 1;
+    src.write(&h4.encode(), HEADER_OFFSETS[1 - slot], "a header")?;
+    src.flush()?;
+    Ok(())
+}
+
+fn read_regions(src: &Src, warnings: &mut Vec<String>) -> Result<RegionTable> {
+    let mut errs = Vec::new();
+    let mut tables = Vec::new();
+    for (i, off) in REGION_OFFSETS.iter().enumerate() {
+        let b = src.read_vec(64 * 1024, *off, "a region table")?;
+        match RegionTable::decode(&b) {
+            Ok(t) => tables.push(t),
+            Err(e) => errs.push(format!("region table copy {} at {off:#x}: {e}", i + 1)),
+        }
+    }
+    if tables.is_empty() {
+        return Err(corrupt(&src.path, "region table", REGION_OFFSETS[0], errs.join("; ")));
+    }
+    warnings.extend(errs);
+    Ok(tables.swap_remove(0))
+}
+
+fn check_region(path: &Path, r: &RegionEntry, file_len: u64) -> Result<()> {
+    if r.file_offset < MIB || r.file_offset % MIB != 0 || u64::from(r.length) % MIB != 0 || r.length == 0 {
+        return Err(corrupt(path, "region table", REGION_OFFSETS[0], format!(
+            "region {{{}}} at {:#x} length {:#x} is not a 1 MiB aligned span after the header section", r.guid, r.file_offset, r.length)));
+    }
+    if r.file_offset + u64::from(r.length) > file_len {
+        return Err(corrupt(path, "region table", REGION_OFFSETS[0], format!(
+            "region {{{}}} at {:#x} length {:#x} ends past the end of the file ({file_len} bytes)", r.guid, r.file_offset, r.length)));
+    }
+    Ok(())
+}
+
+fn read_metadata(src: &Src, region: &RegionEntry) -> Result<Meta> {
+    let path = &src.path;
+    let base = region.file_offset;
+    let rlen = u64::from(region.length);
+    let table = src.read_vec(64 * 1024, base, "the metadata table")?;
+    let entries = md::decode_table(&table).map_err(|e| corrupt(path, "metadata table", base, e))?;
+    let mut spans = Vec::new();
+    for e in &entries {
+        if e.length == 0 {
+            continue;
+        }
+        if u64::from(e.offset) < 64 * 1024 || u64::from(e.offset) + u64::from(e.length) > rlen || e.length > 1 << 20 {
+            return Err(corrupt(path, "metadata table", base, format!(
+                "item {{{}}} at offset {:#x} length {:#x} lies outside the metadata region", e.item, e.offset, e.length)));
+        }
+        spans.push((e.offset, e.length));
+        if !md::KNOWN_ITEMS.contains(&e.item) || e.is_user() {
+            if e.is_required() && !e.is_user() {
+                return Err(Error::unsupported(path, "metadata item", format!("unknown required item {{{}}}", e.item)));
+            }
+        }
+    }
+    spans.sort();
+    if spans.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+        return Err(corrupt(path, "metadata table", base, "items overlap"));
+    }
+    let item = |g: Uuid, min: usize| -> Result<Option<Vec<u8>>> {
+        let Some(e) = entries.iter().find(|e| e.item == g && !e.is_user()) else { return Ok(None) };
+        if (e.length as usize) < min {
+            return Err(corrupt(path, "metadata item", base + u64::from(e.offset), format!("item {{{g}}} is {} bytes, at least {min} expected", e.length)));
+        }
+        Ok(Some(src.read_vec(e.length as usize, base + u64::from(e.offset), "a metadata item")?))
+    };
+    let need = |g: Uuid, name: &str, min: usize| -> Result<Vec<u8>> {
+        item(g, min)?.ok_or_else(|| corrupt(path, "metadata table", base, format!("required item {name} is missing")))
+    };
+    let params = FileParameters::decode(&need(md::FILE_PARAMETERS, "File Parameters", 8)?);
+    let virtual_size = md::decode_u64(&need(md::VIRTUAL_DISK_SIZE, "Virtual Disk Size", 8)?);
+    let disk_id = fx::guid(&need(md::VIRTUAL_DISK_ID, "Virtual Disk ID", 16)?);
+    let logical_sector = u64::from(md::decode_u32(&need(md::LOGICAL_SECTOR_SIZE, "Logical Sector Size", 4)?));
+    let physical_sector = u64::from(md::decode_u32(&need(md::PHYSICAL_SECTOR_SIZE, "Physical Sector Size", 4)?));
+    let bs = params.block_size;
+    let at = |g: Uuid| base + entries.iter().find(|e| e.item == g).map_or(0, |e| u64::from(e.offset));
+    if !bs.is_power_of_two() || !(1 << 20..=256 << 20).contains(&bs) {
+        return Err(corrupt(path, "File Parameters", at(md::FILE_PARAMETERS), format!("block size {bs} is not a power of two between 1 MiB and 256 MiB")));
+    }
+    if logical_sector != 512 && logical_sector != 4096 {
+        return Err(corrupt(path, "Logical Sector Size", at(md::LOGICAL_SECTOR_SIZE), format!("{logical_sector} is neither 512 nor 4096")));
+    }
+    if physical_sector != 512 && physical_sector != 4096 {
+        return Err(corrupt(path, "Physical Sector Size", at(md::PHYSICAL_SECTOR_SIZE), format!("{physical_sector} is neither 512 nor 4096")));
+    }
+    if virtual_size == 0 || virtual_size > MAX_TB || virtual_size % logical_sector != 0 {
+        return Err(corrupt(path, "Virtual Disk Size", at(md::VIRTUAL_DISK_SIZE), format!("{virtual_size} is not a non-zero multiple of {logical_sector} up to 64 TiB")));
+    }
+    let locator = match item(md::PARENT_LOCATOR, 20)? {
+        Some(b) => Some(ParentLocator::decode(&b).map_err(|e| corrupt(path, "parent locator", at(md::PARENT_LOCATOR), e))?),
+        None => None,
+    };
+    if params.has_parent && locator.is_none() {
+        return Err(corrupt(path, "File Parameters", at(md::FILE_PARAMETERS), "HasParent is set but there is no parent locator"));
+    }
+    Ok(Meta { entries, params, virtual_size, disk_id, logical_sector, physical_sector, locator })
+}
+
+/// Maps a Windows path in a locator to a file name in the child's folder.
+fn file_name_of(win: &str) -> Option<String> {
+    let name = win.rsplit(['\\', '/']).next()?;
+    (!name.is_empty() && name != "." && name != "..").then(|| name.to_string())
+}
+
+impl Layer for VhdxDisk {
+    fn path(&self) -> &Path {
+        &self.src.path
+    }
+    fn format(&self) -> Format {
+        Format::Vhdx
+    }
+    fn kind(&self) -> Kind {
+        if self.params.has_parent {
+            Kind::Differencing
+        } else if self.params.leave_block_allocated {
+            Kind::Fixed
+        } else {
+            Kind::Dynamic
+        }
+    }
+    fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+    fn block_size(&self) -> u64 {
+        self.geo.block_size
+    }
+    fn logical_sector_size(&self) -> u64 {
+        self.logical_sector
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<(Extent, u64)> {
+        let bs = self.geo.block_size;
+        let block = offset / bs;
+        let in_block = offset % bs;
+        let n = len.min(bs - in_block).min(self.virtual_size.saturating_sub(offset));
+        let e = self.bat[self.geo.pb_index(block) as usize];
+        Ok(match bat::state(e) {
+            bat::PAYLOAD_FULLY_PRESENT => (Extent::Data(bat::offset(e) + in_block), n),
+            bat::PAYLOAD_PARTIALLY_PRESENT => {
+                let bits = self.bitmap_slice(block)?;
+                let ls = self.logical_sector;
+                let first = in_block / ls;
+                let bit = |s: u64| bits[(s / 8) as usize] >> (s % 8) & 1 == 1;
+                let set = bit(first);
+                let last = (in_block + n).div_ceil(ls);
+                let mut s = first + 1;
+                while s < last && bit(s) == set {
+                    s += 1;
+                }
+                let run = (s * ls - in_block).min(n);
+                if set {
+                    (Extent::Data(bat::offset(e) + in_block), run)
+                } else {
+                    (Extent::Parent, run)
+                }
+            }
+            bat::PAYLOAD_NOT_PRESENT if self.params.has_parent => (Extent::Parent, n),
+            _ => (Extent::Zero, n),
+        })
+    }
+
+    fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.src.read(buf, file_offset, "payload data")
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let ls = self.logical_sector;
+        if offset % ls != 0 || data.len() as u64 % ls != 0 || offset + data.len() as u64 > self.virtual_size {
+            return Err(Error::Invalid(format!("{}: write of {} bytes at {offset} is not aligned to {ls}-byte sectors or passes the disk's end", self.src.path.display(), data.len())));
+        }
+        self.start_session()?;
+        let bs = self.geo.block_size;
+        let mut done = 0usize;
+        while done < data.len() {
+            let off = offset + done as u64;
+            let n = ((bs - off % bs) as usize).min(data.len() - done);
+            self.write_block(off, &data[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        if self.session.is_none() {
+            return Ok(());
+        }
+        self.src.flush()?;
+        let pages = self.dirty_pages()?;
+        if !pages.is_empty() {
+            self.log_and_apply(&pages)?;
+        }
+        *self.sb_cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(())
+    }
+
+    fn close(&mut self) -> Result<()> {
+        if self.session.is_none() {
+            return Ok(());
+        }
+        self.commit()?;
+        let mut h = self.header.clone();
+        h.log_guid = Uuid::nil();
+        self.write_header_twice(h)?;
+        self.session = None;
+        Ok(())
+    }
+
+    fn parent_ref(&self) -> Option<ParentRef> {
+        if !self.params.has_parent {
+            return None;
+        }
+        let loc = self.locator.as_ref()?;
+        let dir = self.src.path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut candidates: Vec<(String, PathBuf)> = Vec::new();
+        if let Some(rel) = loc.get("relative_path") {
+            candidates.push(("relative_path".into(), dir.join(rel.replace('\\', "/"))));
+        }
+        for key in ["absolute_win32_path", "volume_path"] {
+            if let Some(name) = loc.get(key).and_then(file_name_of) {
+                candidates.push((format!("{key} (file name in the child's folder)"), dir.join(name)));
+            }
+        }
+        let linkage = loc.get("parent_linkage").and_then(md::parse_braced).unwrap_or_default();
+        let linkage2 = loc.get("parent_linkage2").and_then(md::parse_braced).filter(|g| !g.is_nil());
+        Some(ParentRef { candidates, expected: Identity::VhdxLinkage { linkage, linkage2 } })
+    }
+
+    fn identity(&self) -> Identity {
+        Identity::VhdxLinkage { linkage: self.header.data_write_guid, linkage2: None }
+    }
+
+    fn info(&self) -> Result<LayerInfo> {
+        let cr = self.geo.chunk_ratio();
+        let mut blocks = 0;
+        let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        for (i, &e) in self.bat.iter().enumerate() {
+            if (i as u64 + 1) % (cr + 1) == 0 {
+                continue;
+            }
+            let st = bat::state(e);
+            *counts.entry(bat::state_name(st)).or_default() += 1;
+            if st == bat::PAYLOAD_FULLY_PRESENT || st == bat::PAYLOAD_PARTIALLY_PRESENT {
+                blocks += 1;
+            }
+        }
+        let details = serde_json::json!({
+            "creator": self.creator,
+            "header_sequence": self.header.sequence,
+            "current_header": self.header_slot + 1,
+            "file_write_guid": self.header.file_write_guid.to_string(),
+            "data_write_guid": self.header.data_write_guid.to_string(),
+            "log_guid": self.header.log_guid.to_string(),
+            "log": self.log_state,
+            "log_offset": self.header.log_offset,
+            "log_length": self.header.log_length,
+            "virtual_disk_id": self.disk_id.to_string(),
+            "leave_block_allocated": self.params.leave_block_allocated,
+            "has_parent": self.params.has_parent,
+            "chunk_ratio": cr,
+            "block_states": counts,
+            "parent_locator": self.locator.as_ref().map(|l| l.entries.iter().cloned().collect::<BTreeMap<_, _>>()),
+        });
+        Ok(LayerInfo {
+            path: self.src.path.clone(),
+            format: Format::Vhdx,
+            kind: self.kind(),
+            virtual_size: self.virtual_size,
+            block_size: self.geo.block_size,
+            logical_sector_size: self.logical_sector,
+            physical_sector_size: self.physical_sector,
+            file_size: self.src.len()?,
+            allocated_blocks: blocks,
+            allocated_bytes: blocks * self.geo.block_size,
+            details,
+            warnings: self.warnings.clone(),
+        })
+    }
+
+    fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+}
+
+impl Drop for VhdxDisk {
+    fn drop(&mut self) {
+        // Best effort: an explicit close() reports errors; a crash or a
+        // failed close leaves a live log that any reader replays.
+        let _ = self.close();
+    }
+}

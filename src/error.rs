@@ -1,0 +1,104 @@
+//! One error type for the library. Every variant names the file it is about,
+//! and format errors also name the structure, its offset and what to do.
+
+use std::path::{Path, PathBuf};
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: I/O error while {op}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{}: {structure} at offset {offset:#x} is invalid: {detail}. {hint}", path.display())]
+    Corrupt {
+        path: PathBuf,
+        structure: &'static str,
+        offset: u64,
+        detail: String,
+        hint: &'static str,
+    },
+
+    #[error("{}: unsupported {structure}: {detail}", path.display())]
+    Unsupported {
+        path: PathBuf,
+        structure: &'static str,
+        detail: String,
+    },
+
+    #[error("{}: parent disk not found; looked at: {}. Pass --parent PATH to name it", child.display(), list(tried))]
+    ParentMissing { child: PathBuf, tried: Vec<PathBuf> },
+
+    #[error("{}: parent {} has the wrong identity: the child expects {expected}, the parent has {found}. The parent was modified after the child was created, or it is another disk", child.display(), parent.display())]
+    ParentMismatch {
+        child: PathBuf,
+        parent: PathBuf,
+        expected: String,
+        found: String,
+    },
+
+    #[error("{}: the differencing chain loops back to {}", child.display(), repeated.display())]
+    ChainLoop { child: PathBuf, repeated: PathBuf },
+
+    #[error("{}: cannot chain to parent {}: {detail}", child.display(), parent.display())]
+    ChainMismatch {
+        child: PathBuf,
+        parent: PathBuf,
+        detail: String,
+    },
+
+    #[error("{}: refusing to write: {reason}", path.display())]
+    WriteRefused { path: PathBuf, reason: String },
+
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn list(paths: &[PathBuf]) -> String {
+    if paths.is_empty() {
+        return "(no locator entries)".into();
+    }
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Error {
+    pub fn io(path: &Path, op: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.to_path_buf(),
+            op: op.into(),
+            source,
+        }
+    }
+
+    pub fn corrupt(
+        path: &Path,
+        structure: &'static str,
+        offset: u64,
+        detail: impl Into<String>,
+    ) -> Error {
+        Error::Corrupt {
+            path: path.to_path_buf(),
+            structure,
+            offset,
+            detail: detail.into(),
+            hint: "The file is damaged or not what its name says; restore it from a backup or check that the right file was named",
+        }
+    }
+
+    pub fn unsupported(path: &Path, structure: &'static str, detail: impl Into<String>) -> Error {
+        Error::Unsupported {
+            path: path.to_path_buf(),
+            structure,
+            detail: detail.into(),
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Positioned I/O behind one small trait, so that tests can record, crash or
+//! fault-inject every operation. Formats never touch `std::fs::File` directly.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use crate::error::{Error, Result};
+
+/// The I/O seam. All methods take `&self`: positioned I/O needs no cursor.
+pub trait Storage: Send + Sync {
+    /// Reads exactly `buf.len()` bytes; past the end of the file is an error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable (fdatasync).
+    fn flush(&self) -> io::Result<()>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+    /// Where data may be (for sparse raw files): the next data offset at or
+    /// after `offset`, or `None` if only a hole follows. Default: no holes known.
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        Ok((offset < self.len()?).then_some(offset))
+    }
+    /// The end of the data run that starts at `offset` (the next hole).
+    fn next_hole(&self, _offset: u64) -> io::Result<u64> {
+        self.len()
+    }
+}
+
+/// A real file.
+pub struct FileStorage {
+    file: File,
+}
+
+impl FileStorage {
+    pub fn open(path: &Path, writable: bool) -> Result<FileStorage> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "opening", e))?;
+        if !meta.is_file() {
+            return Err(Error::Invalid(format!(
+                "{}: not a regular file; vhdmerge only opens regular files",
+                path.display()
+            )));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| Error::io(path, "opening", e))?;
+        Ok(FileStorage { file })
+    }
+
+    pub fn from_file(file: File) -> FileStorage {
+        FileStorage { file }
+    }
+
+    pub fn create(path: &Path) -> Result<FileStorage> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io(path, "creating", e))?;
+        Ok(FileStorage { file })
+    }
+
+    /// lseek(SEEK_DATA / SEEK_HOLE); `None` when only a hole follows (ENXIO).
+    fn seek(&self, whence: rustix::fs::SeekFrom) -> io::Result<Option<u64>> {
+        match rustix::fs::seek(&self.file, whence) {
+            Ok(v) => Ok(Some(v)),
+            Err(rustix::io::Errno::NXIO) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        match self.seek(rustix::fs::SeekFrom::Data(offset)) {
+            Ok(v) => Ok(v),
+            // File systems without SEEK_DATA: treat everything as data.
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                Ok((offset < self.len()?).then_some(offset))
+            }
+            Err(e) => Err(e),
+        }
+    }
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        match self.seek(rustix::fs::SeekFrom::Hole(offset)) {
+            Ok(Some(v)) => Ok(v),
+            Ok(None) => self.len(),
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                self.len()
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// An in-memory file, for tests and for building images before writing them.
+#[derive(Default)]
+pub struct MemStorage {
+    data: RwLock<Vec<u8>>,
+}
+
+impl MemStorage {
+    pub fn new(data: Vec<u8>) -> MemStorage {
+        MemStorage {
+            data: RwLock::new(data),
+        }
+    }
+    pub fn into_inner(self) -> Vec<u8> {
+        self.data.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn eof() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the file")
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let data = self.data.read().unwrap_or_else(|e| e.into_inner());
+        let start = usize::try_from(offset).map_err(|_| eof())?;
+        let end = start.checked_add(buf.len()).ok_or_else(eof)?;
+        buf.copy_from_slice(data.get(start..end).ok_or_else(eof)?);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        let start = offset as usize;
+        let end = start + buf.len();
+        if data.len() < end {
+            data.resize(end, 0);
+        }
+        data[start..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        data.resize(len as usize, 0);
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.read().unwrap_or_else(|e| e.into_inner()).len() as u64)
+    }
+}
+
+/// A copy-on-write view over a read-only storage. VHDX log replay for a
+/// read-only open writes here, so `info` and `export` of a file with a
+/// pending log show the replayed contents without modifying the file.
+pub struct Overlay<S: Storage> {
+    base: S,
+    pages: RwLock<BTreeMap<u64, Box<[u8]>>>,
+    len: RwLock<u64>,
+}
+
+const PAGE: u64 = 4096;
+
+impl<S: Storage> Overlay<S> {
+    pub fn new(base: S) -> io::Result<Overlay<S>> {
+        let len = base.len()?;
+        Ok(Overlay {
+            base,
+            pages: RwLock::new(BTreeMap::new()),
+            len: RwLock::new(len),
+        })
+    }
+
+    fn read_page(&self, page: u64, out: &mut [u8]) -> io::Result<()> {
+        if let Some(p) = self.pages.read().unwrap_or_else(|e| e.into_inner()).get(&page) {
+            out.copy_from_slice(p);
+            return Ok(());
+        }
+        out.fill(0);
+        let base_len = self.base.len()?;
+        let start = page * PAGE;
+        if start < base_len {
+            let n = (base_len - start).min(PAGE) as usize;
+            self.base.read_at(&mut out[..n], start)?;
+        }
+        Ok(())
+    }
+}
+
+impl<S: Storage> Storage for Overlay<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64).ok_or_else(eof)?;
+        if end > self.len()? {
+            return Err(eof());
+        }
+        let pages = self.pages.read().unwrap_or_else(|e| e.into_inner());
+        let first = offset / PAGE;
+        let last = (end.max(1) - 1) / PAGE;
+        let touched = pages.range(first..=last).next().is_some();
+        drop(pages);
+        if !touched && end <= self.base.len()? {
+            return self.base.read_at(buf, offset);
+        }
+        let mut page = vec![0u8; PAGE as usize];
+        let mut pos = offset;
+        while pos < end {
+            let p = pos / PAGE;
+            self.read_page(p, &mut page)?;
+            let in_page = (pos % PAGE) as usize;
+            let n = ((PAGE as usize) - in_page).min((end - pos) as usize);
+            let at = (pos - offset) as usize;
+            buf[at..at + n].copy_from_slice(&page[in_page..in_page + n]);
+            pos += n as u64;
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let p = pos / PAGE;
+            let mut page = vec![0u8; PAGE as usize];
+            self.read_page(p, &mut page)?;
+            let in_page = (pos % PAGE) as usize;
+            let n = ((PAGE as usize) - in_page).min((end - pos) as usize);
+            let at = (pos - offset) as usize;
+            page[in_page..in_page + n].copy_from_slice(&buf[at..at + n]);
+            self.pages
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(p, page.into_boxed_slice());
+            pos += n as u64;
+        }
+        let mut len = self.len.write().unwrap_or_else(|e| e.into_inner());
+        *len = (*len).max(end);
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn set_len(&self, new_len: u64) -> io::Result<()> {
+        let mut len = self.len.write().unwrap_or_else(|e| e.into_inner());
+        if new_len < *len {
+            return Err(io::Error::other("an overlay cannot shrink its base"));
+        }
+        *len = new_len;
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(*self.len.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// A storage together with the path it came from, so that every error names
+/// the file. Format code reads and writes through this.
+pub struct Src {
+    pub path: PathBuf,
+    pub io: Box<dyn Storage>,
+}
+
+impl Src {
+    pub fn new(path: &Path, io: Box<dyn Storage>) -> Src {
+        Src {
+            path: path.to_path_buf(),
+            io,
+        }
+    }
+
+    pub fn read(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
+        self.io.read_at(buf, offset).map_err(|e| {
+            Error::io(
+                &self.path,
+                format!("reading {what} ({} bytes at {offset:#x})", buf.len()),
+                e,
+            )
+        })
+    }
+
+    pub fn read_vec(&self, len: usize, offset: u64, what: &str) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; len];
+        self.read(&mut v, offset, what)?;
+        Ok(v)
+    }
+
+    pub fn write(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
+        self.io.write_at(buf, offset).map_err(|e| {
+            Error::io(
+                &self.path,
+                format!("writing {what} ({} bytes at {offset:#x})", buf.len()),
+                e,
+            )
+        })
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.io
+            .flush()
+            .map_err(|e| Error::io(&self.path, "flushing", e))
+    }
+
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        self.io
+            .set_len(len)
+            .map_err(|e| Error::io(&self.path, format!("resizing to {len} bytes"), e))
+    }
+
+    pub fn len(&self) -> Result<u64> {
+        self.io
+            .len()
+            .map_err(|e| Error::io(&self.path, "reading the file size", e))
+    }
+}

@@ -1,0 +1,13 @@
+//! vhdmerge: read, write and merge VHD and VHDX differencing chains.
+//!
+//! Data flows one way: `io` (positioned I/O) → `format` (on-disk
+//! structures) → `disk` (layers and chains) → `verify` (digests).
+
+pub mod disk;
+pub mod error;
+pub mod format;
+pub mod io;
+pub mod verify;
+
+pub use disk::{Chain, ChainOptions};
+pub use error::{Error, Result};
