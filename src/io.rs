@@ -11,6 +11,8 @@ use std::sync::RwLock;
 use crate::error::{Error, Result};
 
 /// The I/O seam. All methods take `&self`: positioned I/O needs no cursor.
+// A file length is not a collection size: `is_empty` would mean nothing here.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync {
     /// Reads exactly `buf.len()` bytes; past the end of the file is an error.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
@@ -132,7 +134,10 @@ impl MemStorage {
 }
 
 fn eof() -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the file")
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "read past the end of the file",
+    )
 }
 
 impl Storage for MemStorage {
@@ -188,7 +193,12 @@ impl<S: Storage> Overlay<S> {
     }
 
     fn read_page(&self, page: u64, out: &mut [u8]) -> io::Result<()> {
-        if let Some(p) = self.pages.read().unwrap_or_else(|e| e.into_inner()).get(&page) {
+        if let Some(p) = self
+            .pages
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&page)
+        {
             out.copy_from_slice(p);
             return Ok(());
         }
@@ -320,6 +330,7 @@ impl Src {
             .map_err(|e| Error::io(&self.path, format!("resizing to {len} bytes"), e))
     }
 
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> Result<u64> {
         self.io
             .len()

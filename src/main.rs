@@ -8,14 +8,18 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
 use vhdmerge::disk::raw::RawDisk;
-use vhdmerge::{verify, Chain, ChainOptions, Error};
+use vhdmerge::{Chain, ChainOptions, Error, verify};
 
 mod demo;
 
 /// Exit codes: 0 success, 1 the operation failed (the message says why),
 /// 2 wrong usage.
 #[derive(Parser)]
-#[command(name = "vhdmerge", version, about = "Read, check and merge VHD/VHDX differencing chains")]
+#[command(
+    name = "vhdmerge",
+    version,
+    about = "Read, check and merge VHD/VHDX differencing chains"
+)]
 struct Cli {
     /// No progress bars.
     #[arg(long, global = true)]
@@ -94,18 +98,26 @@ enum FormatArg {
 fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => (&s[..i], match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
-            "" => 1,
-            "K" => 1 << 10,
-            "M" => 1 << 20,
-            "G" => 1 << 30,
-            "T" => 1u64 << 40,
-            other => return Err(format!("unknown size suffix '{other}' (use K, M, G or T)")),
-        }),
+        Some((i, _)) => (
+            &s[..i],
+            match s[i..]
+                .to_ascii_uppercase()
+                .trim_end_matches("IB")
+                .trim_end_matches('B')
+            {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1u64 << 40,
+                other => return Err(format!("unknown size suffix '{other}' (use K, M, G or T)")),
+            },
+        ),
         None => (s, 1),
     };
     let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 fn main() -> ExitCode {
@@ -120,14 +132,24 @@ fn main() -> ExitCode {
 }
 
 fn open_chain(disk: &Path, parent: Option<PathBuf>) -> Result<Chain, Error> {
-    Chain::open(disk, &ChainOptions { parent, ..Default::default() })
+    Chain::open(
+        disk,
+        &ChainOptions {
+            parent,
+            ..Default::default()
+        },
+    )
 }
 
 /// Opens a disk image, or a raw file when it is neither VHD nor VHDX.
 fn open_any(disk: &Path, parent: Option<PathBuf>) -> Result<Chain, Error> {
     match open_chain(disk, parent) {
         Ok(c) => Ok(c),
-        Err(Error::Corrupt { structure: "footer", detail, .. }) if detail.contains("not a VHD file") => {
+        Err(Error::Corrupt {
+            structure: "footer",
+            detail,
+            ..
+        }) if detail.contains("not a VHD file") => {
             Ok(Chain::single(Box::new(RawDisk::open(disk)?)))
         }
         Err(e) => Err(e),
@@ -140,9 +162,11 @@ fn bar(quiet: bool, len: u64, what: &str) -> ProgressBar {
     }
     let pb = ProgressBar::new(len);
     pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
     pb
@@ -158,38 +182,84 @@ fn warn_all(chain: &Chain) {
 
 fn run(cli: Cli) -> Result<(), Error> {
     match cli.cmd {
-        Cmd::Info { disk, chain: all, json, parent } => {
+        Cmd::Info {
+            disk,
+            chain: all,
+            json,
+            parent,
+        } => {
             let chain = open_chain(&disk, parent)?;
             warn_all(&chain);
             let infos = chain.infos()?;
             let shown = if all { &infos[..] } else { &infos[..1] };
             if json {
                 let v = serde_json::json!({ "levels": shown, "links": chain.links, "chain_depth": infos.len() });
-                println!("{}", serde_json::to_string_pretty(&v).expect("serializable"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).expect("serializable")
+                );
             } else {
                 for (i, inf) in shown.iter().enumerate() {
                     print_info(i, inf);
                 }
                 for l in &chain.links {
-                    println!("link: {} -> {} (found by {}, identity {})", l.child.display(), l.parent.display(), l.found_by, l.identity);
+                    println!(
+                        "link: {} -> {} (found by {}, identity {})",
+                        l.child.display(),
+                        l.parent.display(),
+                        l.found_by,
+                        l.identity
+                    );
                 }
             }
         }
-        Cmd::Create { path, size, format, block_size, logical_sector, physical_sector, fixed, parent } => {
+        Cmd::Create {
+            path,
+            size,
+            format,
+            block_size,
+            logical_sector,
+            physical_sector,
+            fixed,
+            parent,
+        } => {
             if let Some(p) = parent {
                 create::create_child(&path, &p, block_size)?;
             } else {
-                let size = size.ok_or_else(|| Error::Invalid("create needs --size (or --parent for a differencing child)".into()))?;
-                let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+                let size = size.ok_or_else(|| {
+                    Error::Invalid(
+                        "create needs --size (or --parent for a differencing child)".into(),
+                    )
+                })?;
+                let ext = path
+                    .extension()
+                    .map(|e| e.to_string_lossy().to_ascii_lowercase())
+                    .unwrap_or_default();
                 let vhd = match format {
                     Some(FormatArg::Vhd) => true,
                     Some(FormatArg::Vhdx) => false,
                     None => ext == "vhd" || ext == "avhd",
                 };
                 if vhd {
-                    create::create_vhd(&path, &VhdOptions { size, block_size: block_size.unwrap_or(2 << 20), fixed })?;
+                    create::create_vhd(
+                        &path,
+                        &VhdOptions {
+                            size,
+                            block_size: block_size.unwrap_or(2 << 20),
+                            fixed,
+                        },
+                    )?;
                 } else {
-                    create::create_vhdx(&path, &VhdxOptions { virtual_size: size, block_size: block_size.unwrap_or(32 << 20), logical_sector, physical_sector, fixed })?;
+                    create::create_vhdx(
+                        &path,
+                        &VhdxOptions {
+                            virtual_size: size,
+                            block_size: block_size.unwrap_or(32 << 20),
+                            logical_sector,
+                            physical_sector,
+                            fixed,
+                        },
+                    )?;
                 }
             }
             println!("created {}", path.display());
@@ -200,20 +270,43 @@ fn run(cli: Cli) -> Result<(), Error> {
             let pb = bar(cli.quiet, chain.virtual_size(), "export");
             verify::export_raw(&chain, &out, |p| pb.set_position(p))?;
             pb.finish_and_clear();
-            println!("exported {} bytes to {}", chain.virtual_size(), out.display());
+            println!(
+                "exported {} bytes to {}",
+                chain.virtual_size(),
+                out.display()
+            );
         }
-        Cmd::Hash { disk, flat, json, parent } => {
+        Cmd::Hash {
+            disk,
+            flat,
+            json,
+            parent,
+        } => {
             let chain = open_any(&disk, parent)?;
             warn_all(&chain);
             let pb = bar(cli.quiet, chain.virtual_size(), "hash");
             let (kind, digest) = if flat {
-                ("flat", verify::flat_digest(&chain, |p| pb.set_position(p))?.to_hex().to_string())
+                (
+                    "flat",
+                    verify::flat_digest(&chain, |p| pb.set_position(p))?
+                        .to_hex()
+                        .to_string(),
+                )
             } else {
-                ("content", verify::content_digest(&chain, |p| pb.set_position(p))?.root.to_hex().to_string())
+                (
+                    "content",
+                    verify::content_digest(&chain, |p| pb.set_position(p))?
+                        .root
+                        .to_hex()
+                        .to_string(),
+                )
             };
             pb.finish_and_clear();
             if json {
-                println!("{}", serde_json::json!({ "disk": disk, "kind": kind, "virtual_size": chain.virtual_size(), "blake3": digest }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "disk": disk, "kind": kind, "virtual_size": chain.virtual_size(), "blake3": digest })
+                );
             } else {
                 println!("{digest}  {}", disk.display());
             }
@@ -227,8 +320,14 @@ fn print_info(level: usize, i: &vhdmerge::disk::LayerInfo) {
     println!("level {level}: {}", i.path.display());
     println!("  format: {:?} {:?}", i.format, i.kind);
     println!("  virtual size: {} bytes", i.virtual_size);
-    println!("  block size: {} bytes, logical sector {}, physical sector {}", i.block_size, i.logical_sector_size, i.physical_sector_size);
-    println!("  file size: {} bytes, allocated: {} blocks ({} bytes)", i.file_size, i.allocated_blocks, i.allocated_bytes);
+    println!(
+        "  block size: {} bytes, logical sector {}, physical sector {}",
+        i.block_size, i.logical_sector_size, i.physical_sector_size
+    );
+    println!(
+        "  file size: {} bytes, allocated: {} blocks ({} bytes)",
+        i.file_size, i.allocated_blocks, i.allocated_bytes
+    );
     if let Some(obj) = i.details.as_object() {
         for (k, v) in obj {
             if !v.is_null() {

@@ -15,11 +15,15 @@ use crate::error::{Error, Result};
 
 pub const CHUNK: u64 = 1 << 20;
 const BUF: usize = 8 << 20;
-static ZEROS: [u8; 1 << 20] = [0u8; 1 << 20];
+/// Zeros to hash holes from; large enough for blake3 to spread over all cores.
+static ZEROS: [u8; 16 << 20] = [0u8; 16 << 20];
 
 /// Calls `f(offset, Some(bytes))` for data and `f(offset, None)`+len for
 /// zero runs, in order, in pieces of at most `BUF` bytes.
-pub fn stream(chain: &Chain, mut f: impl FnMut(u64, Option<&[u8]>, u64) -> Result<()>) -> Result<()> {
+pub fn stream(
+    chain: &Chain,
+    mut f: impl FnMut(u64, Option<&[u8]>, u64) -> Result<()>,
+) -> Result<()> {
     let size = chain.virtual_size();
     let mut buf = vec![0u8; BUF];
     let mut pos = 0u64;
@@ -32,7 +36,8 @@ pub fn stream(chain: &Chain, mut f: impl FnMut(u64, Option<&[u8]>, u64) -> Resul
         while filled < want {
             let (l, ext, n) = chain.resolve(0, pos + filled, want - filled)?;
             match ext {
-                Extent::Data(fo) if !zero => chain.layers[l].read_data(fo, &mut buf[filled as usize..(filled + n) as usize])?,
+                Extent::Data(fo) if !zero => chain.layers[l]
+                    .read_data(fo, &mut buf[filled as usize..(filled + n) as usize])?,
                 Extent::Zero if zero => {}
                 _ => break,
             }
@@ -51,7 +56,11 @@ pub fn stream(chain: &Chain, mut f: impl FnMut(u64, Option<&[u8]>, u64) -> Resul
 fn hash_zeros(h: &mut blake3::Hasher, mut n: u64) {
     while n > 0 {
         let k = n.min(ZEROS.len() as u64) as usize;
-        h.update(&ZEROS[..k]);
+        if k >= 1 << 20 {
+            h.update_rayon(&ZEROS[..k]);
+        } else {
+            h.update(&ZEROS[..k]);
+        }
         n -= k as u64;
     }
 }
@@ -78,14 +87,20 @@ pub fn flat_digest(chain: &Chain, mut progress: impl FnMut(u64)) -> Result<blake
 /// Writes the guest-visible disk as a sparse raw file: zero runs (and data
 /// that happens to be zeros) become holes.
 pub fn export_raw(chain: &Chain, out: &Path, mut progress: impl FnMut(u64)) -> Result<()> {
-    let file = OpenOptions::new().write(true).create_new(true).open(out).map_err(|e| Error::io(out, "creating", e))?;
-    file.set_len(chain.virtual_size()).map_err(|e| Error::io(out, "sizing", e))?;
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .map_err(|e| Error::io(out, "creating", e))?;
+    file.set_len(chain.virtual_size())
+        .map_err(|e| Error::io(out, "sizing", e))?;
     stream(chain, |pos, data, n| {
         if let Some(d) = data {
             let mut at = 0usize;
             for piece in d.chunks(64 * 1024) {
                 if piece.iter().any(|&b| b != 0) {
-                    file.write_all_at(piece, pos + at as u64).map_err(|e| Error::io(out, "writing", e))?;
+                    file.write_all_at(piece, pos + at as u64)
+                        .map_err(|e| Error::io(out, "writing", e))?;
                 }
                 at += piece.len();
             }
@@ -119,7 +134,7 @@ pub fn content_digest_with(
     progress: &mut dyn FnMut(u64),
 ) -> Result<ContentDigest> {
     let size = chain.virtual_size();
-    let zero_chunk = blake3::hash(&ZEROS);
+    let zero_chunk = blake3::hash(&ZEROS[..CHUNK as usize]);
     let mut root = blake3::Hasher::new();
     root.update(CONTENT_TAG);
     root.update(&size.to_le_bytes());
@@ -155,5 +170,9 @@ pub fn content_digest_with(
         pos += len;
         progress(pos);
     }
-    Ok(ContentDigest { root: root.finalize(), chunks, read_chunks })
+    Ok(ContentDigest {
+        root: root.finalize(),
+        chunks,
+        read_chunks,
+    })
 }

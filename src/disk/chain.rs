@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{open_layer, Extent, Layer, LayerInfo};
+use super::{Extent, Layer, LayerInfo, open_layer};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Default)]
@@ -39,7 +39,11 @@ pub type Mapping = (usize, Extent, u64);
 
 impl Chain {
     pub fn open(path: &Path, opts: &ChainOptions) -> Result<Chain> {
-        let levels = if opts.writable_levels > 0 { opts.writable_levels } else { usize::from(opts.writable) };
+        let levels = if opts.writable_levels > 0 {
+            opts.writable_levels
+        } else {
+            usize::from(opts.writable)
+        };
         let top = open_layer(path, levels > 0)?;
         let mut seen = HashSet::new();
         seen.insert(canonical(path));
@@ -47,7 +51,9 @@ impl Chain {
         let mut links = Vec::new();
         loop {
             let child = layers.last().expect("non-empty");
-            let Some(pref) = child.parent_ref() else { break };
+            let Some(pref) = child.parent_ref() else {
+                break;
+            };
             let child_path = child.path().to_path_buf();
             let (ppath, how) = match (layers.len(), &opts.parent) {
                 (1, Some(p)) => (p.clone(), "--parent".to_string()),
@@ -55,11 +61,19 @@ impl Chain {
             };
             let key = canonical(&ppath);
             if !seen.insert(key.clone()) {
-                return Err(Error::ChainLoop { child: child_path, repeated: ppath });
+                return Err(Error::ChainLoop {
+                    child: child_path,
+                    repeated: ppath,
+                });
             }
             let parent = open_layer(&ppath, layers.len() < levels)?;
             check_link(child.as_ref(), parent.as_ref(), &pref.expected)?;
-            links.push(Link { child: child_path, parent: ppath, found_by: how, identity: pref.expected.describe() });
+            links.push(Link {
+                child: child_path,
+                parent: ppath,
+                found_by: how,
+                identity: pref.expected.describe(),
+            });
             layers.push(parent);
         }
         Ok(Chain { layers, links })
@@ -67,7 +81,10 @@ impl Chain {
 
     /// A chain of a single, already opened layer (raw files, tests).
     pub fn single(layer: Box<dyn Layer>) -> Chain {
-        Chain { layers: vec![layer], links: vec![] }
+        Chain {
+            layers: vec![layer],
+            links: vec![],
+        }
     }
 
     pub fn top(&self) -> &dyn Layer {
@@ -104,7 +121,11 @@ impl Chain {
     pub fn read_from(&self, level: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = offset + buf.len() as u64;
         if end > self.virtual_size() {
-            return Err(Error::Invalid(format!("read of {} bytes at {offset} passes the disk's end ({})", buf.len(), self.virtual_size())));
+            return Err(Error::Invalid(format!(
+                "read of {} bytes at {offset} passes the disk's end ({})",
+                buf.len(),
+                self.virtual_size()
+            )));
         }
         let mut pos = offset;
         while pos < end {
@@ -127,7 +148,11 @@ impl Chain {
         let start = offset / ls * ls;
         let end = (offset + data.len() as u64).next_multiple_of(ls);
         if end > self.virtual_size() {
-            return Err(Error::Invalid(format!("write of {} bytes at {offset} passes the disk's end ({})", data.len(), self.virtual_size())));
+            return Err(Error::Invalid(format!(
+                "write of {} bytes at {offset} passes the disk's end ({})",
+                data.len(),
+                self.virtual_size()
+            )));
         }
         if start == offset && end == offset + data.len() as u64 {
             return self.layers[0].write(offset, data);
@@ -168,13 +193,24 @@ fn pick(child: &Path, candidates: &[(String, PathBuf)]) -> Result<(PathBuf, Stri
             return Ok((p.clone(), how.clone()));
         }
     }
-    Err(Error::ParentMissing { child: child.to_path_buf(), tried: candidates.iter().map(|(_, p)| p.clone()).collect() })
+    Err(Error::ParentMissing {
+        child: child.to_path_buf(),
+        tried: candidates.iter().map(|(_, p)| p.clone()).collect(),
+    })
 }
 
 fn check_link(child: &dyn Layer, parent: &dyn Layer, expected: &super::Identity) -> Result<()> {
-    let mismatch = |detail: String| Error::ChainMismatch { child: child.path().to_path_buf(), parent: parent.path().to_path_buf(), detail };
+    let mismatch = |detail: String| Error::ChainMismatch {
+        child: child.path().to_path_buf(),
+        parent: parent.path().to_path_buf(),
+        detail,
+    };
     if child.format() != parent.format() {
-        return Err(mismatch(format!("the child is {:?} but the parent is {:?}; a chain cannot mix VHD and VHDX", child.format(), parent.format())));
+        return Err(mismatch(format!(
+            "the child is {:?} but the parent is {:?}; a chain cannot mix VHD and VHDX",
+            child.format(),
+            parent.format()
+        )));
     }
     if !expected.accepts(&parent.identity()) {
         return Err(Error::ParentMismatch {
@@ -185,10 +221,18 @@ fn check_link(child: &dyn Layer, parent: &dyn Layer, expected: &super::Identity)
         });
     }
     if child.virtual_size() != parent.virtual_size() {
-        return Err(mismatch(format!("virtual sizes differ (child {} bytes, parent {} bytes)", child.virtual_size(), parent.virtual_size())));
+        return Err(mismatch(format!(
+            "virtual sizes differ (child {} bytes, parent {} bytes)",
+            child.virtual_size(),
+            parent.virtual_size()
+        )));
     }
     if child.logical_sector_size() != parent.logical_sector_size() {
-        return Err(mismatch(format!("logical sector sizes differ (child {}, parent {})", child.logical_sector_size(), parent.logical_sector_size())));
+        return Err(mismatch(format!(
+            "logical sector sizes differ (child {}, parent {})",
+            child.logical_sector_size(),
+            parent.logical_sector_size()
+        )));
     }
     Ok(())
 }

@@ -6,9 +6,9 @@ use std::path::Path;
 
 use uuid::Uuid;
 
-use super::vhdx::VhdxDisk;
 use super::vhd::VhdDisk;
-use super::{Layer, Kind};
+use super::vhdx::VhdxDisk;
+use super::{Kind, Layer};
 use crate::error::{Error, Result};
 use crate::format::vhd::{self as fv, DynHeader, Footer, Locator};
 use crate::format::vhdx::bat::{self, Geometry};
@@ -29,7 +29,13 @@ pub struct VhdxOptions {
 
 impl Default for VhdxOptions {
     fn default() -> Self {
-        VhdxOptions { virtual_size: 1 << 30, block_size: 32 << 20, logical_sector: 512, physical_sector: 4096, fixed: false }
+        VhdxOptions {
+            virtual_size: 1 << 30,
+            block_size: 32 << 20,
+            logical_sector: 512,
+            physical_sector: 4096,
+            fixed: false,
+        }
     }
 }
 
@@ -42,7 +48,11 @@ pub struct VhdOptions {
 
 impl Default for VhdOptions {
     fn default() -> Self {
-        VhdOptions { size: 1 << 30, block_size: 2 << 20, fixed: false }
+        VhdOptions {
+            size: 1 << 30,
+            block_size: 2 << 20,
+            fixed: false,
+        }
     }
 }
 
@@ -56,28 +66,58 @@ fn write_new(path: &Path, fill: impl FnOnce(&FileStorage) -> Result<()>) -> Resu
     if path.exists() {
         return Err(invalid(path, "the file already exists".into()));
     }
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new().prefix(".vhdmerge-new-").tempfile_in(dir).map_err(|e| Error::io(path, "creating a temporary file", e))?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".vhdmerge-new-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(path, "creating a temporary file", e))?;
     let (file, tmp_path) = tmp.into_parts();
     let storage = FileStorage::from_file(file);
     fill(&storage)?;
-    storage.flush().map_err(|e| Error::io(path, "flushing", e))?;
-    tmp_path.persist_noclobber(path).map_err(|e| Error::io(path, "renaming into place", e.error))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, "syncing the folder", e))?;
+    storage
+        .flush()
+        .map_err(|e| Error::io(path, "flushing", e))?;
+    tmp_path
+        .persist_noclobber(path)
+        .map_err(|e| Error::io(path, "renaming into place", e.error))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, "syncing the folder", e))?;
     Ok(())
 }
 
 fn check_vhdx(path: &Path, o: &VhdxOptions) -> Result<()> {
     if !o.block_size.is_power_of_two() || !(MIB..=256 * MIB).contains(&o.block_size) {
-        return Err(invalid(path, format!("block size {} is not a power of two from 1 MiB to 256 MiB", o.block_size)));
+        return Err(invalid(
+            path,
+            format!(
+                "block size {} is not a power of two from 1 MiB to 256 MiB",
+                o.block_size
+            ),
+        ));
     }
     for s in [o.logical_sector, o.physical_sector] {
         if s != 512 && s != 4096 {
-            return Err(invalid(path, format!("sector size {s} is neither 512 nor 4096")));
+            return Err(invalid(
+                path,
+                format!("sector size {s} is neither 512 nor 4096"),
+            ));
         }
     }
-    if o.virtual_size == 0 || o.virtual_size % o.logical_sector != 0 || o.virtual_size > 64 << 40 {
-        return Err(invalid(path, format!("virtual size {} is not a non-zero multiple of {} up to 64 TiB", o.virtual_size, o.logical_sector)));
+    if o.virtual_size == 0
+        || !o.virtual_size.is_multiple_of(o.logical_sector)
+        || o.virtual_size > 64 << 40
+    {
+        return Err(invalid(
+            path,
+            format!(
+                "virtual size {} is not a non-zero multiple of {} up to 64 TiB",
+                o.virtual_size, o.logical_sector
+            ),
+        ));
     }
     Ok(())
 }
@@ -93,9 +133,16 @@ struct VhdxLayout {
 /// Layout: headers, log at 1 MiB (1 MiB), metadata at 2 MiB (1 MiB), BAT at
 /// 3 MiB, payload after the BAT (the same order qemu-img uses).
 fn write_vhdx(io: &FileStorage, path: &Path, l: &VhdxLayout) -> Result<()> {
-    let w = |buf: &[u8], off: u64| io.write_at(buf, off).map_err(|e| Error::io(path, "writing", e));
+    let w = |buf: &[u8], off: u64| {
+        io.write_at(buf, off)
+            .map_err(|e| Error::io(path, "writing", e))
+    };
     let o = &l.opts;
-    let geo = Geometry { virtual_size: o.virtual_size, block_size: o.block_size, logical_sector: o.logical_sector };
+    let geo = Geometry {
+        virtual_size: o.virtual_size,
+        block_size: o.block_size,
+        logical_sector: o.logical_sector,
+    };
     let entries = geo.entries(l.params.has_parent).max(geo.entries(true));
     let bat_len = (entries * 8).next_multiple_of(MIB);
     let (log_off, meta_off, bat_off) = (MIB, 2 * MIB, 3 * MIB);
@@ -116,8 +163,18 @@ fn write_vhdx(io: &FileStorage, path: &Path, l: &VhdxLayout) -> Result<()> {
     w(&h.encode(), HEADER_OFFSETS[1])?;
     let regions = RegionTable {
         entries: vec![
-            RegionEntry { guid: region::BAT_GUID, file_offset: bat_off, length: bat_len as u32, required: true },
-            RegionEntry { guid: region::METADATA_GUID, file_offset: meta_off, length: MIB as u32, required: true },
+            RegionEntry {
+                guid: region::BAT_GUID,
+                file_offset: bat_off,
+                length: bat_len as u32,
+                required: true,
+            },
+            RegionEntry {
+                guid: region::METADATA_GUID,
+                file_offset: meta_off,
+                length: MIB as u32,
+                required: true,
+            },
         ],
     };
     let rt = regions.encode();
@@ -142,10 +199,26 @@ fn metadata_region(l: &VhdxLayout) -> Vec<u8> {
     let o = &l.opts;
     let mut items: Vec<(Uuid, u32, Vec<u8>)> = vec![
         (md::FILE_PARAMETERS, md::FLAG_REQUIRED, l.params.encode()),
-        (md::VIRTUAL_DISK_SIZE, md::FLAG_REQUIRED | md::FLAG_VIRTUAL_DISK, o.virtual_size.to_le_bytes().to_vec()),
-        (md::VIRTUAL_DISK_ID, md::FLAG_REQUIRED | md::FLAG_VIRTUAL_DISK, l.disk_id.to_bytes_le().to_vec()),
-        (md::LOGICAL_SECTOR_SIZE, md::FLAG_REQUIRED | md::FLAG_VIRTUAL_DISK, (o.logical_sector as u32).to_le_bytes().to_vec()),
-        (md::PHYSICAL_SECTOR_SIZE, md::FLAG_REQUIRED | md::FLAG_VIRTUAL_DISK, (o.physical_sector as u32).to_le_bytes().to_vec()),
+        (
+            md::VIRTUAL_DISK_SIZE,
+            md::FLAG_REQUIRED | md::FLAG_VIRTUAL_DISK,
+            o.virtual_size.to_le_bytes().to_vec(),
+        ),
+        (
+            md::VIRTUAL_DISK_ID,
+            md::FLAG_REQUIRED | md::FLAG_VIRTUAL_DISK,
+            l.disk_id.to_bytes_le().to_vec(),
+        ),
+        (
+            md::LOGICAL_SECTOR_SIZE,
+            md::FLAG_REQUIRED | md::FLAG_VIRTUAL_DISK,
+            (o.logical_sector as u32).to_le_bytes().to_vec(),
+        ),
+        (
+            md::PHYSICAL_SECTOR_SIZE,
+            md::FLAG_REQUIRED | md::FLAG_VIRTUAL_DISK,
+            (o.physical_sector as u32).to_le_bytes().to_vec(),
+        ),
     ];
     if let Some(loc) = &l.locator {
         items.push((md::PARENT_LOCATOR, md::FLAG_REQUIRED, loc.encode()));
@@ -155,7 +228,12 @@ fn metadata_region(l: &VhdxLayout) -> Vec<u8> {
     let mut at = 64 * 1024u32;
     for (item, flags, body) in items {
         region[at as usize..at as usize + body.len()].copy_from_slice(&body);
-        entries.push(MetadataEntry { item, offset: at, length: body.len() as u32, flags });
+        entries.push(MetadataEntry {
+            item,
+            offset: at,
+            length: body.len() as u32,
+            flags,
+        });
         at = (at + body.len() as u32).next_multiple_of(8);
     }
     let table = md::encode_table(&entries);
@@ -166,7 +244,11 @@ fn metadata_region(l: &VhdxLayout) -> Vec<u8> {
 pub fn create_vhdx(path: &Path, o: &VhdxOptions) -> Result<()> {
     check_vhdx(path, o)?;
     let layout = VhdxLayout {
-        params: FileParameters { block_size: o.block_size as u32, leave_block_allocated: o.fixed, has_parent: false },
+        params: FileParameters {
+            block_size: o.block_size as u32,
+            leave_block_allocated: o.fixed,
+            has_parent: false,
+        },
         opts: o.clone(),
         disk_id: Uuid::new_v4(),
         data_write_guid: Uuid::new_v4(),
@@ -177,14 +259,30 @@ pub fn create_vhdx(path: &Path, o: &VhdxOptions) -> Result<()> {
 
 /// A relative path from `child`'s folder to `parent`, Windows style.
 fn relative_win_path(child: &Path, parent: &Path) -> String {
-    let cdir = std::fs::canonicalize(child.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))).unwrap_or_default();
+    let cdir = std::fs::canonicalize(
+        child
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    )
+    .unwrap_or_default();
     let p = std::fs::canonicalize(parent).unwrap_or_else(|_| parent.to_path_buf());
     match p.strip_prefix(&cdir) {
         Ok(rest) => format!(".\\{}", rest.to_string_lossy().replace('/', "\\")),
         Err(_) => {
-            let common = cdir.ancestors().find(|a| p.starts_with(a)).unwrap_or(Path::new("/"));
-            let ups = cdir.strip_prefix(common).map(|r| r.components().count()).unwrap_or(0);
-            let rest = p.strip_prefix(common).unwrap_or(&p).to_string_lossy().replace('/', "\\");
+            let common = cdir
+                .ancestors()
+                .find(|a| p.starts_with(a))
+                .unwrap_or(Path::new("/"));
+            let ups = cdir
+                .strip_prefix(common)
+                .map(|r| r.components().count())
+                .unwrap_or(0);
+            let rest = p
+                .strip_prefix(common)
+                .unwrap_or(&p)
+                .to_string_lossy()
+                .replace('/', "\\");
             format!("{}{}", "..\\".repeat(ups), rest)
         }
     }
@@ -210,10 +308,17 @@ pub fn create_child(path: &Path, parent: &Path, block_size: Option<u64>) -> Resu
             if let Some(name) = parent.file_name() {
                 // No Windows drive exists here; the file name lets Windows
                 // tools (and our own lookup by name) find the parent.
-                loc.set("absolute_win32_path", &format!("\\\\?\\C:\\{}", name.to_string_lossy()));
+                loc.set(
+                    "absolute_win32_path",
+                    &format!("\\\\?\\C:\\{}", name.to_string_lossy()),
+                );
             }
             let layout = VhdxLayout {
-                params: FileParameters { block_size: o.block_size as u32, leave_block_allocated: false, has_parent: true },
+                params: FileParameters {
+                    block_size: o.block_size as u32,
+                    leave_block_allocated: false,
+                    has_parent: true,
+                },
                 opts: o,
                 disk_id: p.disk_id,
                 data_write_guid: Uuid::new_v4(),
@@ -224,7 +329,16 @@ pub fn create_child(path: &Path, parent: &Path, block_size: Option<u64>) -> Resu
         super::Format::Vhd => {
             let p = VhdDisk::open(parent, false)?;
             let bs = block_size.unwrap_or_else(|| p.block_size());
-            write_new(path, |io| write_vhd(io, path, p.virtual_size(), bs, fv::TYPE_DIFFERENCING, Some((&p, parent))))
+            write_new(path, |io| {
+                write_vhd(
+                    io,
+                    path,
+                    p.virtual_size(),
+                    bs,
+                    fv::TYPE_DIFFERENCING,
+                    Some((&p, parent)),
+                )
+            })
         }
         super::Format::Raw => Err(invalid(path, "a raw file cannot be a parent".into())),
     }
@@ -235,30 +349,62 @@ fn layer_as_vhdx(path: &Path) -> Result<VhdxDisk> {
 }
 
 pub fn create_vhd(path: &Path, o: &VhdOptions) -> Result<()> {
-    if o.size == 0 || o.size % 512 != 0 || o.size / 512 > fv::MAX_SECTORS {
-        return Err(invalid(path, format!("size {} is not a non-zero multiple of 512 up to 2040 GiB", o.size)));
+    if o.size == 0 || !o.size.is_multiple_of(512) || o.size / 512 > fv::MAX_SECTORS {
+        return Err(invalid(
+            path,
+            format!(
+                "size {} is not a non-zero multiple of 512 up to 2040 GiB",
+                o.size
+            ),
+        ));
     }
-    let kind = if o.fixed { fv::TYPE_FIXED } else { fv::TYPE_DYNAMIC };
-    write_new(path, |io| write_vhd(io, path, o.size, o.block_size, kind, None))
+    let kind = if o.fixed {
+        fv::TYPE_FIXED
+    } else {
+        fv::TYPE_DYNAMIC
+    };
+    write_new(path, |io| {
+        write_vhd(io, path, o.size, o.block_size, kind, None)
+    })
 }
 
 fn timestamp_now() -> u32 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     now.saturating_sub(fv::TIMESTAMP_BASE) as u32
 }
 
 /// Layout of dynamic/differencing files: footer copy at 0, dynamic header
 /// at 512, parent locator data, BAT, blocks, footer.
-fn write_vhd(io: &FileStorage, path: &Path, size: u64, bs: u64, kind: u32, parent: Option<(&VhdDisk, &Path)>) -> Result<()> {
-    let w = |buf: &[u8], off: u64| io.write_at(buf, off).map_err(|e| Error::io(path, "writing", e));
+fn write_vhd(
+    io: &FileStorage,
+    path: &Path,
+    size: u64,
+    bs: u64,
+    kind: u32,
+    parent: Option<(&VhdDisk, &Path)>,
+) -> Result<()> {
+    let w = |buf: &[u8], off: u64| {
+        io.write_at(buf, off)
+            .map_err(|e| Error::io(path, "writing", e))
+    };
     if !bs.is_power_of_two() || !(512..=256 * MIB).contains(&bs) {
-        return Err(invalid(path, format!("VHD block size {bs} is not a power of two from 512 bytes to 256 MiB")));
+        return Err(invalid(
+            path,
+            format!("VHD block size {bs} is not a power of two from 512 bytes to 256 MiB"),
+        ));
     }
     let (c, h, s) = fv::geometry(size);
     let mut footer = Footer {
         features: 2,
         version: 0x0001_0000,
-        data_offset: if kind == fv::TYPE_FIXED { u64::MAX } else { 512 },
+        data_offset: if kind == fv::TYPE_FIXED {
+            u64::MAX
+        } else {
+            512
+        },
         timestamp: timestamp_now(),
         creator_app: *b"vhdm",
         creator_version: 0x0001_0000,
@@ -284,14 +430,22 @@ fn write_vhd(io: &FileStorage, path: &Path, size: u64, bs: u64, kind: u32, paren
     let mut parent_name = String::new();
     if let Some((p, ppath)) = parent {
         parent_uid = p.footer.unique_id;
-        parent_name = ppath.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        parent_name = ppath
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         let rel = relative_win_path(path, ppath);
         let abs = format!("C:\\{parent_name}");
         for (code, text) in [(*b"W2ku", abs), (*b"W2ru", rel)] {
             let data: Vec<u8> = text.encode_utf16().flat_map(u16::to_le_bytes).collect();
             let space = (data.len() as u64).next_multiple_of(512);
             w(&data, pos)?;
-            locators.push(Locator { code, data_space: (space / 512) as u32, data_length: data.len() as u32, data_offset: pos });
+            locators.push(Locator {
+                code,
+                data_space: (space / 512) as u32,
+                data_length: data.len() as u32,
+                data_offset: pos,
+            });
             pos += space;
         }
         footer.creator_os = *b"Wi2k";

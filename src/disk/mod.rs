@@ -69,9 +69,10 @@ pub enum Identity {
 impl Identity {
     pub fn accepts(&self, parent: &Identity) -> bool {
         match (self, parent) {
-            (Identity::VhdxLinkage { linkage, linkage2 }, Identity::VhdxLinkage { linkage: p, .. }) => {
-                linkage == p || linkage2.as_ref() == Some(p)
-            }
+            (
+                Identity::VhdxLinkage { linkage, linkage2 },
+                Identity::VhdxLinkage { linkage: p, .. },
+            ) => linkage == p || linkage2.as_ref() == Some(p),
             (Identity::VhdUniqueId(a), Identity::VhdUniqueId(b)) => a == b,
             _ => false,
         }
@@ -140,7 +141,8 @@ pub trait Layer: Send + Sync {
 pub fn open_layer(path: &Path, writable: bool) -> Result<Box<dyn Layer>> {
     let src = crate::io::FileStorage::open(path, false)?;
     let mut sig = [0u8; 8];
-    let len = crate::io::Storage::len(&src).map_err(|e| crate::error::Error::io(path, "reading size", e))?;
+    let len = crate::io::Storage::len(&src)
+        .map_err(|e| crate::error::Error::io(path, "reading size", e))?;
     if len >= 8 {
         crate::io::Storage::read_at(&src, &mut sig, 0)
             .map_err(|e| crate::error::Error::io(path, "reading the signature", e))?;

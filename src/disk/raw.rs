@@ -42,12 +42,17 @@ impl Layer for RawDisk {
         512
     }
     fn map(&self, offset: u64, len: u64) -> Result<(Extent, u64)> {
-        let n = len.min(UNIT - offset % UNIT).min(self.size.saturating_sub(offset));
+        let n = len
+            .min(UNIT - offset % UNIT)
+            .min(self.size.saturating_sub(offset));
         let io = |e| Error::io(&self.src.path, "looking for holes", e);
         match self.src.io.next_data(offset).map_err(io)? {
             Some(d) if d <= offset => {
                 let hole = self.src.io.next_hole(offset).map_err(io)?;
-                Ok((Extent::Data(offset), n.min(hole.saturating_sub(offset)).max(1)))
+                Ok((
+                    Extent::Data(offset),
+                    n.min(hole.saturating_sub(offset)).max(1),
+                ))
             }
             Some(d) => Ok((Extent::Zero, n.min(d - offset))),
             None => Ok((Extent::Zero, n)),
@@ -57,7 +62,10 @@ impl Layer for RawDisk {
         self.src.read(buf, file_offset, "data")
     }
     fn write(&mut self, _offset: u64, _data: &[u8]) -> Result<()> {
-        Err(Error::WriteRefused { path: self.src.path.clone(), reason: "raw images are opened read-only".into() })
+        Err(Error::WriteRefused {
+            path: self.src.path.clone(),
+            reason: "raw images are opened read-only".into(),
+        })
     }
     fn commit(&mut self) -> Result<()> {
         Ok(())
@@ -91,4 +99,3 @@ impl Layer for RawDisk {
         &[]
     }
 }
-

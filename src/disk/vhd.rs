@@ -52,15 +52,32 @@ impl VhdDisk {
         match disk.footer.disk_type {
             fv::TYPE_FIXED => {
                 if size > footer_offset {
-                    return Err(corrupt(path, "footer", footer_offset, format!(
-                        "fixed disk of {size} bytes but only {footer_offset} bytes of data precede the footer; the file was truncated")));
+                    return Err(corrupt(
+                        path,
+                        "footer",
+                        footer_offset,
+                        format!(
+                            "fixed disk of {size} bytes but only {footer_offset} bytes of data precede the footer; the file was truncated"
+                        ),
+                    ));
                 }
             }
             fv::TYPE_DYNAMIC | fv::TYPE_DIFFERENCING => disk.read_dynamic()?,
-            t => return Err(Error::unsupported(path, "footer", format!("disk type {t} (only 2 fixed, 3 dynamic, 4 differencing exist)"))),
+            t => {
+                return Err(Error::unsupported(
+                    path,
+                    "footer",
+                    format!("disk type {t} (only 2 fixed, 3 dynamic, 4 differencing exist)"),
+                ));
+            }
         }
         if size % SECTOR != 0 || size / SECTOR > fv::MAX_SECTORS {
-            return Err(corrupt(path, "footer", footer_offset, format!("disk size {size} is not a multiple of 512 up to 2040 GiB")));
+            return Err(corrupt(
+                path,
+                "footer",
+                footer_offset,
+                format!("disk size {size} is not a multiple of 512 up to 2040 GiB"),
+            ));
         }
         Ok(disk)
     }
@@ -69,27 +86,64 @@ impl VhdDisk {
         let path = self.src.path.clone();
         let off = self.footer.data_offset;
         if off < 512 || off.checked_add(1024).is_none_or(|e| e > self.footer_offset) {
-            return Err(corrupt(&path, "footer", self.footer_offset, format!("dynamic header offset {off:#x} lies outside the file")));
+            return Err(corrupt(
+                &path,
+                "footer",
+                self.footer_offset,
+                format!("dynamic header offset {off:#x} lies outside the file"),
+            ));
         }
-        let raw = self.src.read_vec(fv::HEADER_SIZE, off, "the dynamic header")?;
+        let raw = self
+            .src
+            .read_vec(fv::HEADER_SIZE, off, "the dynamic header")?;
         let h = DynHeader::decode(&raw).map_err(|e| corrupt(&path, "dynamic header", off, e))?;
         if !DynHeader::checksum_ok(&raw) {
-            self.warnings.push(format!("dynamic header at {off:#x} has a wrong checksum"));
+            self.warnings
+                .push(format!("dynamic header at {off:#x} has a wrong checksum"));
         }
         let bs = u64::from(h.block_size);
         if bs < SECTOR || !bs.is_power_of_two() || bs > 256 << 20 {
-            return Err(corrupt(&path, "dynamic header", off + 32, format!("block size {bs} is not a power of two between 512 bytes and 256 MiB")));
+            return Err(corrupt(
+                &path,
+                "dynamic header",
+                off + 32,
+                format!("block size {bs} is not a power of two between 512 bytes and 256 MiB"),
+            ));
         }
         let entries = u64::from(h.max_table_entries);
         if entries * bs < self.size {
-            return Err(corrupt(&path, "dynamic header", off + 28, format!("{entries} BAT entries of {bs} bytes cannot hold a {} byte disk", self.size)));
+            return Err(corrupt(
+                &path,
+                "dynamic header",
+                off + 28,
+                format!(
+                    "{entries} BAT entries of {bs} bytes cannot hold a {} byte disk",
+                    self.size
+                ),
+            ));
         }
         let needed = self.size.div_ceil(bs);
-        if h.table_offset.checked_add(needed * 4).is_none_or(|e| e > self.footer_offset) {
-            return Err(corrupt(&path, "dynamic header", off + 16, format!("BAT at {:#x} with {needed} entries lies outside the file", h.table_offset)));
+        if h.table_offset
+            .checked_add(needed * 4)
+            .is_none_or(|e| e > self.footer_offset)
+        {
+            return Err(corrupt(
+                &path,
+                "dynamic header",
+                off + 16,
+                format!(
+                    "BAT at {:#x} with {needed} entries lies outside the file",
+                    h.table_offset
+                ),
+            ));
         }
-        let raw = self.src.read_vec((needed * 4) as usize, h.table_offset, "the BAT")?;
-        self.bat = raw.chunks_exact(4).map(|c| u32::from_be_bytes(c.try_into().expect("4"))).collect();
+        let raw = self
+            .src
+            .read_vec((needed * 4) as usize, h.table_offset, "the BAT")?;
+        self.bat = raw
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes(c.try_into().expect("4")))
+            .collect();
         let block_bytes = h.bitmap_bytes() + bs;
         for (i, &e) in self.bat.iter().enumerate() {
             if e == fv::UNALLOCATED {
@@ -99,8 +153,14 @@ impl VhdDisk {
             // The last block may be cut where the disk ends.
             let used = h.bitmap_bytes() + bs.min(self.size - i as u64 * bs);
             if at < off + 1024 || at + used > self.footer_offset {
-                return Err(corrupt(&path, "BAT entry", h.table_offset + 4 * i as u64, format!(
-                    "block {i} at {at:#x} (+{block_bytes:#x}) lies outside the data area; the file was truncated or the BAT is damaged")));
+                return Err(corrupt(
+                    &path,
+                    "BAT entry",
+                    h.table_offset + 4 * i as u64,
+                    format!(
+                        "block {i} at {at:#x} (+{block_bytes:#x}) lies outside the data area; the file was truncated or the BAT is damaged"
+                    ),
+                ));
             }
         }
         self.header_offset = off;
@@ -120,7 +180,11 @@ impl VhdDisk {
             return Ok(bytes.clone());
         }
         let at = u64::from(self.bat[block as usize]) * SECTOR;
-        let v = self.src.read_vec(self.dyn_header().bitmap_bytes() as usize, at, "a block bitmap")?;
+        let v = self.src.read_vec(
+            self.dyn_header().bitmap_bytes() as usize,
+            at,
+            "a block bitmap",
+        )?;
         *cache = Some((block, v.clone()));
         Ok(v)
     }
@@ -131,10 +195,16 @@ impl VhdDisk {
 
     fn refuse_if_damaged(&self) -> Result<()> {
         if !self.writable {
-            return Err(Error::WriteRefused { path: self.src.path.clone(), reason: "opened read-only".into() });
+            return Err(Error::WriteRefused {
+                path: self.src.path.clone(),
+                reason: "opened read-only".into(),
+            });
         }
         if let Some(w) = self.warnings.first() {
-            return Err(Error::WriteRefused { path: self.src.path.clone(), reason: format!("the file is damaged ({w}); repair or restore it first") });
+            return Err(Error::WriteRefused {
+                path: self.src.path.clone(),
+                reason: format!("the file is damaged ({w}); repair or restore it first"),
+            });
         }
         Ok(())
     }
@@ -150,16 +220,20 @@ impl VhdDisk {
         let at = data_at - bitmap;
         let new_footer = data_at + u64::from(h.block_size);
         self.src.set_len(new_footer + 512)?;
-        self.src.write(&self.footer.encode(), new_footer, "the footer")?;
+        self.src
+            .write(&self.footer.encode(), new_footer, "the footer")?;
         // The old footer now lies in the new block's bitmap or data: zero it
         // before the BAT entry makes the block visible.
-        self.src.write(&[0u8; 512], self.footer_offset, "the old footer")?;
+        self.src
+            .write(&[0u8; 512], self.footer_offset, "the old footer")?;
         self.src.flush()?;
         self.footer_offset = new_footer;
-        let sector = u32::try_from(at / SECTOR).map_err(|_| Error::unsupported(&self.src.path, "VHD", "file would exceed 2 TiB"))?;
+        let sector = u32::try_from(at / SECTOR)
+            .map_err(|_| Error::unsupported(&self.src.path, "VHD", "file would exceed 2 TiB"))?;
         self.bat[block as usize] = sector;
         let entry_at = h.table_offset + block * 4;
-        self.src.write(&sector.to_be_bytes(), entry_at, "a BAT entry")?;
+        self.src
+            .write(&sector.to_be_bytes(), entry_at, "a BAT entry")?;
         self.src.flush()?;
         Ok(at)
     }
@@ -173,7 +247,8 @@ impl VhdDisk {
             fv::UNALLOCATED => self.allocate(block)?,
             s => u64::from(s) * SECTOR,
         };
-        self.src.write(data, at + h.bitmap_bytes() + in_block, "block data")?;
+        self.src
+            .write(data, at + h.bitmap_bytes() + in_block, "block data")?;
         // Data first, then the bitmap bits that make it visible.
         self.src.flush()?;
         let mut bitmap = self.bitmap(block)?;
@@ -190,7 +265,12 @@ impl VhdDisk {
 fn read_footer(src: &Src, len: u64, warnings: &mut Vec<String>) -> Result<(Footer, u64)> {
     let path = &src.path;
     if len < 512 {
-        return Err(corrupt(path, "footer", 0, format!("file is {len} bytes, too small for a VHD footer")));
+        return Err(corrupt(
+            path,
+            "footer",
+            0,
+            format!("file is {len} bytes, too small for a VHD footer"),
+        ));
     }
     let tail = src.read_vec(512, len - 512, "the footer")?;
     let mut found = None;
@@ -209,20 +289,37 @@ fn read_footer(src: &Src, len: u64, warnings: &mut Vec<String>) -> Result<(Foote
         None => {
             let head = src.read_vec(512, 0, "the footer copy")?;
             if &head[..8] != fv::COOKIE {
-                return Err(corrupt(path, "footer", len - 512, "no 'conectix' cookie at the end of the file or at offset 0: not a VHD file"));
+                return Err(corrupt(
+                    path,
+                    "footer",
+                    len - 512,
+                    "no 'conectix' cookie at the end of the file or at offset 0: not a VHD file",
+                ));
             }
             let f = Footer::decode(&head).map_err(|e| corrupt(path, "footer", 0, e))?;
             if f.disk_type == fv::TYPE_FIXED {
-                return Err(corrupt(path, "footer", len - 512, "the footer at the end is missing and a fixed disk has no copy"));
+                return Err(corrupt(
+                    path,
+                    "footer",
+                    len - 512,
+                    "the footer at the end is missing and a fixed disk has no copy",
+                ));
             }
-            warnings.push(format!("the footer at {:#x} is missing; the copy at offset 0 is used", len - 512));
+            warnings.push(format!(
+                "the footer at {:#x} is missing; the copy at offset 0 is used",
+                len - 512
+            ));
             // The data area ends where the footer should be.
             return Ok((f, len - 512));
         }
     };
     let f = Footer::decode(&raw).map_err(|e| corrupt(path, "footer", at, e))?;
     if !Footer::checksum_ok(&raw) {
-        warnings.push(format!("footer at {at:#x} has a wrong checksum (stored {:#010x}, computed {:#010x})", f.checksum, fv::checksum(&raw, 64)));
+        warnings.push(format!(
+            "footer at {at:#x} has a wrong checksum (stored {:#010x}, computed {:#010x})",
+            f.checksum,
+            fv::checksum(&raw, 64)
+        ));
     }
     Ok((f, at))
 }
@@ -264,7 +361,14 @@ impl Layer for VhdDisk {
         let block = offset / bs;
         let e = self.bat[block as usize];
         if e == fv::UNALLOCATED {
-            return Ok((if self.is_differencing() { Extent::Parent } else { Extent::Zero }, n));
+            return Ok((
+                if self.is_differencing() {
+                    Extent::Parent
+                } else {
+                    Extent::Zero
+                },
+                n,
+            ));
         }
         let data = u64::from(e) * SECTOR + h.bitmap_bytes() + in_block;
         if !self.is_differencing() {
@@ -279,7 +383,14 @@ impl Layer for VhdDisk {
             s += 1;
         }
         let run = (s * SECTOR - in_block).min(n);
-        Ok((if set { Extent::Data(data) } else { Extent::Parent }, run))
+        Ok((
+            if set {
+                Extent::Data(data)
+            } else {
+                Extent::Parent
+            },
+            run,
+        ))
     }
 
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -288,8 +399,15 @@ impl Layer for VhdDisk {
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         self.refuse_if_damaged()?;
-        if offset % SECTOR != 0 || data.len() as u64 % SECTOR != 0 || offset + data.len() as u64 > self.size {
-            return Err(Error::Invalid(format!("{}: write of {} bytes at {offset} is not sector aligned or passes the disk's end", self.src.path.display(), data.len())));
+        if !offset.is_multiple_of(SECTOR)
+            || !(data.len() as u64).is_multiple_of(SECTOR)
+            || offset + data.len() as u64 > self.size
+        {
+            return Err(Error::Invalid(format!(
+                "{}: write of {} bytes at {offset} is not sector aligned or passes the disk's end",
+                self.src.path.display(),
+                data.len()
+            )));
         }
         if self.header.is_none() {
             return self.src.write(data, offset, "disk data");
@@ -321,14 +439,24 @@ impl Layer for VhdDisk {
             return None;
         }
         let h = self.header.as_ref()?;
-        let dir = self.src.path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = self
+            .src
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         let mut candidates: Vec<(String, PathBuf)> = Vec::new();
         let mut by_code: Vec<(&[u8; 4], String)> = Vec::new();
         for l in &h.locators {
             if l.data_length == 0 || l.data_length > 64 * 1024 {
                 continue;
             }
-            let Ok(raw) = self.src.read_vec(l.data_length as usize, l.data_offset, "a parent locator") else { continue };
+            let Ok(raw) =
+                self.src
+                    .read_vec(l.data_length as usize, l.data_offset, "a parent locator")
+            else {
+                continue;
+            };
             if let Some(text) = fv::decode_locator_text(&l.code, &raw) {
                 by_code.push((&l.code, text));
             }
@@ -341,15 +469,27 @@ impl Layer for VhdDisk {
                 let label = String::from_utf8_lossy(code.as_slice()).to_string();
                 if code == b"W2ru" || code == b"Wi2r" {
                     candidates.push((label, dir.join(text.replace('\\', "/"))));
-                } else if let Some(name) = text.rsplit(['\\', '/']).next().filter(|n| !n.is_empty()) {
-                    candidates.push((format!("{label} (file name in the child's folder)"), dir.join(name)));
+                } else if let Some(name) = text.rsplit(['\\', '/']).next().filter(|n| !n.is_empty())
+                {
+                    candidates.push((
+                        format!("{label} (file name in the child's folder)"),
+                        dir.join(name),
+                    ));
                 }
             }
         }
-        if let Some(name) = h.parent_name.rsplit(['\\', '/']).next().filter(|n| !n.is_empty()) {
+        if let Some(name) = h
+            .parent_name
+            .rsplit(['\\', '/'])
+            .next()
+            .filter(|n| !n.is_empty())
+        {
             candidates.push(("parent name".into(), dir.join(name)));
         }
-        Some(ParentRef { candidates, expected: Identity::VhdUniqueId(h.parent_unique_id) })
+        Some(ParentRef {
+            candidates,
+            expected: Identity::VhdUniqueId(h.parent_unique_id),
+        })
     }
 
     fn identity(&self) -> Identity {

@@ -26,9 +26,13 @@ const MAX_TB: u64 = 64 << 40;
 pub enum LogState {
     Empty,
     /// A live log was replayed in memory; the file is unchanged.
-    ReplayedInMemory { entries: usize },
+    ReplayedInMemory {
+        entries: usize,
+    },
     /// A live log was replayed into the file (writable open).
-    ReplayedOnDisk { entries: usize },
+    ReplayedOnDisk {
+        entries: usize,
+    },
 }
 
 /// Open-time state of a write session.
@@ -77,11 +81,21 @@ impl VhdxDisk {
         let mut src = Src::new(path, Box::new(file));
         let file_len = src.len()?;
         if file_len < 1 << 20 {
-            return Err(corrupt(path, "VHDX file", 0, format!("file is {file_len} bytes, smaller than the 1 MiB header section")));
+            return Err(corrupt(
+                path,
+                "VHDX file",
+                0,
+                format!("file is {file_len} bytes, smaller than the 1 MiB header section"),
+            ));
         }
         let id = src.read_vec(64 * 1024, 0, "the file type identifier")?;
         if &id[..8] != fx::FILE_SIGNATURE {
-            return Err(corrupt(path, "file type identifier", 0, "signature is not 'vhdxfile'"));
+            return Err(corrupt(
+                path,
+                "file type identifier",
+                0,
+                "signature is not 'vhdxfile'",
+            ));
         }
         let creator = fx::decode_creator(&id);
         let (header, header_slot, mut warnings) = read_headers(&src)?;
@@ -97,7 +111,8 @@ impl VhdxDisk {
             } else {
                 let base = FileStorage::open(path, false)?;
                 let overlay = Overlay::new(base).map_err(|e| Error::io(path, "opening", e))?;
-                vlog::replay(&overlay, &entries).map_err(|e| Error::io(path, "replaying the log in memory", e))?;
+                vlog::replay(&overlay, &entries)
+                    .map_err(|e| Error::io(path, "replaying the log in memory", e))?;
                 src = Src::new(path, Box::new(overlay));
                 log_state = LogState::ReplayedInMemory { entries: n };
             }
@@ -112,16 +127,29 @@ impl VhdxDisk {
         let file_len = src.len()?;
 
         let regions = read_regions(&src, &mut warnings)?;
-        let bat_region = regions.find(region::BAT_GUID).cloned().ok_or_else(|| {
-            corrupt(path, "region table", REGION_OFFSETS[0], "no BAT region")
-        })?;
-        let meta_region = regions.find(region::METADATA_GUID).cloned().ok_or_else(|| {
-            corrupt(path, "region table", REGION_OFFSETS[0], "no metadata region")
-        })?;
+        let bat_region = regions
+            .find(region::BAT_GUID)
+            .cloned()
+            .ok_or_else(|| corrupt(path, "region table", REGION_OFFSETS[0], "no BAT region"))?;
+        let meta_region = regions
+            .find(region::METADATA_GUID)
+            .cloned()
+            .ok_or_else(|| {
+                corrupt(
+                    path,
+                    "region table",
+                    REGION_OFFSETS[0],
+                    "no metadata region",
+                )
+            })?;
         for r in &regions.entries {
             check_region(path, r, file_len)?;
             if r.guid != region::BAT_GUID && r.guid != region::METADATA_GUID && r.required {
-                return Err(Error::unsupported(path, "region", format!("unknown required region {{{}}}", r.guid)));
+                return Err(Error::unsupported(
+                    path,
+                    "region",
+                    format!("unknown required region {{{}}}", r.guid),
+                ));
             }
         }
         let meta = read_metadata(&src, &meta_region)?;
@@ -188,12 +216,25 @@ impl VhdxDisk {
         let n = self.geo.entries(self.params.has_parent);
         let need = n * 8;
         if need > u64::from(self.bat_region.length) {
-            return Err(corrupt(path, "BAT region", self.bat_region.file_offset, format!(
-                "{n} entries are needed for a {} byte disk with {} byte blocks, the region holds {}",
-                self.virtual_size, self.geo.block_size, self.bat_region.length / 8)));
+            return Err(corrupt(
+                path,
+                "BAT region",
+                self.bat_region.file_offset,
+                format!(
+                    "{n} entries are needed for a {} byte disk with {} byte blocks, the region holds {}",
+                    self.virtual_size,
+                    self.geo.block_size,
+                    self.bat_region.length / 8
+                ),
+            ));
         }
-        let raw = self.src.read_vec(need as usize, self.bat_region.file_offset, "the BAT")?;
-        Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8"))).collect())
+        let raw = self
+            .src
+            .read_vec(need as usize, self.bat_region.file_offset, "the BAT")?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
+            .collect())
     }
 
     /// Every allocated structure lies after the header section, inside the
@@ -202,23 +243,40 @@ impl VhdxDisk {
         let path = &self.src.path;
         let mut spans: Vec<(u64, u64, String)> = Vec::new();
         if self.header.log_length > 0 {
-            spans.push((self.header.log_offset, u64::from(self.header.log_length), "log".into()));
+            spans.push((
+                self.header.log_offset,
+                u64::from(self.header.log_length),
+                "log".into(),
+            ));
         }
         for r in &self.regions.entries {
-            let name = if r.guid == region::BAT_GUID { "BAT region".to_string() } else if r.guid == region::METADATA_GUID { "metadata region".into() } else { format!("region {{{}}}", r.guid) };
+            let name = if r.guid == region::BAT_GUID {
+                "BAT region".to_string()
+            } else if r.guid == region::METADATA_GUID {
+                "metadata region".into()
+            } else {
+                format!("region {{{}}}", r.guid)
+            };
             spans.push((r.file_offset, u64::from(r.length), name));
         }
         let cr = self.geo.chunk_ratio();
         for (i, &e) in self.bat.iter().enumerate() {
             let i = i as u64;
-            let is_sb = (i + 1) % (cr + 1) == 0;
+            let is_sb = (i + 1).is_multiple_of(cr + 1);
             let st = bat::state(e);
             let at = self.bat_region.file_offset + i * 8;
             let (present, len, what) = if is_sb {
                 match st {
                     bat::SB_NOT_PRESENT => (false, MIB, "sector bitmap"),
                     bat::SB_PRESENT if self.params.has_parent => (true, MIB, "sector bitmap"),
-                    _ => return Err(corrupt(path, "BAT entry", at, format!("sector bitmap entry {i} has invalid state {st}"))),
+                    _ => {
+                        return Err(corrupt(
+                            path,
+                            "BAT entry",
+                            at,
+                            format!("sector bitmap entry {i} has invalid state {st}"),
+                        ));
+                    }
                 }
             } else {
                 match st {
@@ -227,11 +285,28 @@ impl VhdxDisk {
                     bat::PAYLOAD_PARTIALLY_PRESENT if self.params.has_parent => {
                         let sb = self.bat[self.geo.sb_index(i / (cr + 1) * cr) as usize];
                         if bat::state(sb) != bat::SB_PRESENT {
-                            return Err(corrupt(path, "BAT entry", at, format!("payload entry {i} is PARTIALLY_PRESENT but its chunk's sector bitmap is not present")));
+                            return Err(corrupt(
+                                path,
+                                "BAT entry",
+                                at,
+                                format!(
+                                    "payload entry {i} is PARTIALLY_PRESENT but its chunk's sector bitmap is not present"
+                                ),
+                            ));
                         }
                         (true, self.geo.block_size, "payload block")
                     }
-                    _ => return Err(corrupt(path, "BAT entry", at, format!("payload entry {i} has invalid state {st} ({})", bat::state_name(st)))),
+                    _ => {
+                        return Err(corrupt(
+                            path,
+                            "BAT entry",
+                            at,
+                            format!(
+                                "payload entry {i} has invalid state {st} ({})",
+                                bat::state_name(st)
+                            ),
+                        ));
+                    }
                 }
             };
             if !present {
@@ -239,24 +314,53 @@ impl VhdxDisk {
             }
             let off = bat::offset(e);
             if off < MIB {
-                return Err(corrupt(path, "BAT entry", at, format!("{what} entry {i} points at {off:#x}, inside the header section")));
+                return Err(corrupt(
+                    path,
+                    "BAT entry",
+                    at,
+                    format!("{what} entry {i} points at {off:#x}, inside the header section"),
+                ));
             }
             // A partial last block may end past EOF only by its unused part.
             let block = i - i / (cr + 1);
             if !is_sb && block >= self.geo.payload_blocks() {
-                return Err(corrupt(path, "BAT entry", at, format!("payload entry {i} is allocated but lies past the disk's last block")));
+                return Err(corrupt(
+                    path,
+                    "BAT entry",
+                    at,
+                    format!("payload entry {i} is allocated but lies past the disk's last block"),
+                ));
             }
-            let used = if is_sb { len } else { len.min(self.virtual_size - block * self.geo.block_size) };
+            let used = if is_sb {
+                len
+            } else {
+                len.min(self.virtual_size - block * self.geo.block_size)
+            };
             if off + used > self.file_len {
-                return Err(corrupt(path, "BAT entry", at, format!(
-                    "{what} entry {i} at {off:#x} (+{used:#x}) ends past the end of the file ({:#x}); the file was truncated", self.file_len)));
+                return Err(corrupt(
+                    path,
+                    "BAT entry",
+                    at,
+                    format!(
+                        "{what} entry {i} at {off:#x} (+{used:#x}) ends past the end of the file ({:#x}); the file was truncated",
+                        self.file_len
+                    ),
+                ));
             }
             spans.push((off, len, format!("{what} (BAT entry {i})")));
         }
         spans.sort();
         for w in spans.windows(2) {
             if w[0].0 + w[0].1 > w[1].0 {
-                return Err(corrupt(path, "file layout", w[1].0, format!("{} at {:#x} overlaps {} at {:#x}", w[1].2, w[1].0, w[0].2, w[0].0)));
+                return Err(corrupt(
+                    path,
+                    "file layout",
+                    w[1].0,
+                    format!(
+                        "{} at {:#x} overlaps {} at {:#x}",
+                        w[1].2, w[1].0, w[0].2, w[0].0
+                    ),
+                ));
             }
         }
         Ok(())
@@ -273,12 +377,17 @@ impl VhdxDisk {
         let (start, len) = self.geo.bitmap_slice(block);
         let mut cache = self.sb_cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.as_ref().is_none_or(|(o, _)| *o != sb) {
-            let v = self.src.read_vec(MIB as usize, sb, "a sector bitmap block")?;
+            let v = self
+                .src
+                .read_vec(MIB as usize, sb, "a sector bitmap block")?;
             *cache = Some((sb, v));
         }
         let (_, bytes) = cache.as_ref().expect("filled");
         let mut out = bytes[start as usize..(start + len) as usize].to_vec();
-        for (page_off, page) in self.dirty_sb.range(sb + start / 4096 * 4096..sb + start + len) {
+        for (page_off, page) in self
+            .dirty_sb
+            .range(sb + start / 4096 * 4096..sb + start + len)
+        {
             let page_start = page_off - sb;
             for (i, b) in page.iter().enumerate() {
                 let pos = page_start + i as u64;
@@ -295,10 +404,16 @@ impl VhdxDisk {
             return Ok(());
         }
         if !self.writable {
-            return Err(Error::WriteRefused { path: self.src.path.clone(), reason: "opened read-only".into() });
+            return Err(Error::WriteRefused {
+                path: self.src.path.clone(),
+                reason: "opened read-only".into(),
+            });
         }
         if let Some(w) = self.warnings.first() {
-            return Err(Error::WriteRefused { path: self.src.path.clone(), reason: format!("the file is damaged ({w}); repair or restore it first") });
+            return Err(Error::WriteRefused {
+                path: self.src.path.clone(),
+                reason: format!("the file is damaged ({w}); repair or restore it first"),
+            });
         }
         // Keep the file a whole number of MiB so log entries can state its size.
         let aligned = self.file_len.next_multiple_of(MIB);
@@ -311,7 +426,10 @@ impl VhdxDisk {
         h.data_write_guid = Uuid::new_v4();
         h.log_guid = Uuid::new_v4();
         self.write_header_twice(h)?;
-        self.session = Some(Session { log_position: 0, log_sequence: 1 });
+        self.session = Some(Session {
+            log_position: 0,
+            log_sequence: 1,
+        });
         Ok(())
     }
 
@@ -321,7 +439,8 @@ impl VhdxDisk {
         for _ in 0..2 {
             h.sequence = self.header.sequence + 1;
             let slot = 1 - self.header_slot;
-            self.src.write(&h.encode(), HEADER_OFFSETS[slot], "a header")?;
+            self.src
+                .write(&h.encode(), HEADER_OFFSETS[slot], "a header")?;
             self.src.flush()?;
             self.header = h.clone();
             self.header_slot = slot;
@@ -437,13 +556,23 @@ impl VhdxDisk {
             let count = group.len() as u64;
             let size = (vlog::descriptor_sectors(count) + count) * vlog::SECTOR;
             if size > log_len {
-                return Err(Error::unsupported(&self.src.path, "log", format!("log of {log_len} bytes is too small for an entry of {size}")));
+                return Err(Error::unsupported(
+                    &self.src.path,
+                    "log",
+                    format!("log of {log_len} bytes is too small for an entry of {size}"),
+                ));
             }
             if session.log_position + size > log_len {
                 session.log_position = 0;
             }
             let writes: Vec<(u64, &[u8])> = group.iter().map(|(o, p)| (*o, p.as_slice())).collect();
-            let entry = vlog::encode_entry(&self.header.log_guid, session.log_sequence, session.log_position as u32, self.file_len, &writes);
+            let entry = vlog::encode_entry(
+                &self.header.log_guid,
+                session.log_sequence,
+                session.log_position as u32,
+                self.file_len,
+                &writes,
+            );
             let at = log_off + session.log_position;
             session.log_position += size;
             session.log_sequence += 1;
@@ -460,15 +589,38 @@ impl VhdxDisk {
     /// Replaces the parent locator (used when re-linking a child).
     pub fn set_locator(&mut self, locator: &ParentLocator) -> Result<()> {
         self.start_session()?;
-        let original = self.src.read_vec(self.meta_region.length as usize, self.meta_region.file_offset, "the metadata region")?;
+        let original = self.src.read_vec(
+            self.meta_region.length as usize,
+            self.meta_region.file_offset,
+            "the metadata region",
+        )?;
         let mut region = original.clone();
         let bytes = locator.encode();
-        let idx = self.meta_entries.iter().position(|e| e.item == md::PARENT_LOCATOR && !e.is_user()).ok_or_else(|| Error::Invalid(format!("{}: no parent locator to replace", self.src.path.display())))?;
+        let idx = self
+            .meta_entries
+            .iter()
+            .position(|e| e.item == md::PARENT_LOCATOR && !e.is_user())
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: no parent locator to replace",
+                    self.src.path.display()
+                ))
+            })?;
         // Place the new item after every existing item; the old one stays
         // until the table entry that points at it has been replaced.
-        let end = self.meta_entries.iter().map(|e| e.offset + e.length).max().unwrap_or(64 * 1024).next_multiple_of(8);
+        let end = self
+            .meta_entries
+            .iter()
+            .map(|e| e.offset + e.length)
+            .max()
+            .unwrap_or(64 * 1024)
+            .next_multiple_of(8);
         if end as usize + bytes.len() > region.len() {
-            return Err(Error::unsupported(&self.src.path, "metadata region", "no room for a new parent locator"));
+            return Err(Error::unsupported(
+                &self.src.path,
+                "metadata region",
+                "no room for a new parent locator",
+            ));
         }
         region[end as usize..end as usize + bytes.len()].copy_from_slice(&bytes);
         self.meta_entries[idx].offset = end;
@@ -500,7 +652,10 @@ struct Meta {
 }
 
 fn read_headers(src: &Src) -> Result<(Header, usize, Vec<String>)> {
-    let mut slots = [Err(header::HeaderFault::Signature), Err(header::HeaderFault::Signature)];
+    let mut slots = [
+        Err(header::HeaderFault::Signature),
+        Err(header::HeaderFault::Signature),
+    ];
     for (i, off) in HEADER_OFFSETS.iter().enumerate() {
         let b = src.read_vec(header::SIZE, *off, "a header")?;
         slots[i] = Header::decode(&b);
@@ -508,13 +663,19 @@ fn read_headers(src: &Src) -> Result<(Header, usize, Vec<String>)> {
     let mut warnings = Vec::new();
     for (i, s) in slots.iter().enumerate() {
         if let Err(f) = s {
-            warnings.push(format!("header {} at {:#x} is not valid: {f}; the other copy is used", i + 1, HEADER_OFFSETS[i]));
+            warnings.push(format!(
+                "header {} at {:#x} is not valid: {f}; the other copy is used",
+                i + 1,
+                HEADER_OFFSETS[i]
+            ));
         }
     }
     let Some(cur) = header::current(&slots) else {
         let detail = match (&slots[0], &slots[1]) {
             (Err(a), Err(b)) => format!("neither header is valid (header 1: {a}; header 2: {b})"),
-            _ => "both headers are valid with the same sequence number but different contents".into(),
+            _ => {
+                "both headers are valid with the same sequence number but different contents".into()
+            }
         };
         return Err(corrupt(&src.path, "headers", HEADER_OFFSETS[0], detail));
     };
@@ -529,17 +690,44 @@ fn read_headers(src: &Src) -> Result<(Header, usize, Vec<String>)> {
 fn check_header(path: &Path, h: &Header, file_len: u64) -> Result<()> {
     let at = HEADER_OFFSETS[0];
     if h.version != 1 {
-        return Err(Error::unsupported(path, "header", format!("version {} (only 1 is defined)", h.version)));
+        return Err(Error::unsupported(
+            path,
+            "header",
+            format!("version {} (only 1 is defined)", h.version),
+        ));
     }
-    if h.log_offset % MIB != 0 || u64::from(h.log_length) % MIB != 0 {
-        return Err(corrupt(path, "header", at, format!("log at {:#x} length {:#x} is not 1 MiB aligned", h.log_offset, h.log_length)));
+    if !h.log_offset.is_multiple_of(MIB) || u64::from(h.log_length) % MIB != 0 {
+        return Err(corrupt(
+            path,
+            "header",
+            at,
+            format!(
+                "log at {:#x} length {:#x} is not 1 MiB aligned",
+                h.log_offset, h.log_length
+            ),
+        ));
     }
     if !h.log_guid.is_nil() {
         if h.log_version != 0 {
-            return Err(Error::unsupported(path, "log", format!("log version {}", h.log_version)));
+            return Err(Error::unsupported(
+                path,
+                "log",
+                format!("log version {}", h.log_version),
+            ));
         }
-        if h.log_offset < MIB || h.log_length == 0 || h.log_offset + u64::from(h.log_length) > file_len {
-            return Err(corrupt(path, "header", at, format!("log at {:#x} length {:#x} lies outside the file ({file_len} bytes)", h.log_offset, h.log_length)));
+        if h.log_offset < MIB
+            || h.log_length == 0
+            || h.log_offset + u64::from(h.log_length) > file_len
+        {
+            return Err(corrupt(
+                path,
+                "header",
+                at,
+                format!(
+                    "log at {:#x} length {:#x} lies outside the file ({file_len} bytes)",
+                    h.log_offset, h.log_length
+                ),
+            ));
         }
     }
     Ok(())
@@ -553,8 +741,15 @@ fn find_log(src: &Src, h: &Header, file_len: u64) -> Result<Vec<vlog::Entry>> {
     })?;
     let head = entries.last().expect("non-empty");
     if file_len < head.flushed_file_offset {
-        return Err(corrupt(&src.path, "log", h.log_offset + head.position, format!(
-            "file is {file_len} bytes but the log says {} bytes were flushed; the file was truncated", head.flushed_file_offset)));
+        return Err(corrupt(
+            &src.path,
+            "log",
+            h.log_offset + head.position,
+            format!(
+                "file is {file_len} bytes but the log says {} bytes were flushed; the file was truncated",
+                head.flushed_file_offset
+            ),
+        ));
     }
     Ok(entries)
 }
@@ -567,7 +762,8 @@ fn replay_on_disk(src: &Src, h: &Header, slot: usize, entries: &[vlog::Entry]) -
     h2.file_write_guid = Uuid::new_v4();
     src.write(&h2.encode(), HEADER_OFFSETS[1 - slot], "a header")?;
     src.flush()?;
-    vlog::replay(src.io.as_ref(), entries).map_err(|e| Error::io(&src.path, "replaying the log", e))?;
+    vlog::replay(src.io.as_ref(), entries)
+        .map_err(|e| Error::io(&src.path, "replaying the log", e))?;
     src.flush()?;
     let mut h3 = h2.clone();
     h3.sequence += 1;
@@ -592,20 +788,43 @@ fn read_regions(src: &Src, warnings: &mut Vec<String>) -> Result<RegionTable> {
         }
     }
     if tables.is_empty() {
-        return Err(corrupt(&src.path, "region table", REGION_OFFSETS[0], errs.join("; ")));
+        return Err(corrupt(
+            &src.path,
+            "region table",
+            REGION_OFFSETS[0],
+            errs.join("; "),
+        ));
     }
     warnings.extend(errs);
     Ok(tables.swap_remove(0))
 }
 
 fn check_region(path: &Path, r: &RegionEntry, file_len: u64) -> Result<()> {
-    if r.file_offset < MIB || r.file_offset % MIB != 0 || u64::from(r.length) % MIB != 0 || r.length == 0 {
-        return Err(corrupt(path, "region table", REGION_OFFSETS[0], format!(
-            "region {{{}}} at {:#x} length {:#x} is not a 1 MiB aligned span after the header section", r.guid, r.file_offset, r.length)));
+    if r.file_offset < MIB
+        || !r.file_offset.is_multiple_of(MIB)
+        || u64::from(r.length) % MIB != 0
+        || r.length == 0
+    {
+        return Err(corrupt(
+            path,
+            "region table",
+            REGION_OFFSETS[0],
+            format!(
+                "region {{{}}} at {:#x} length {:#x} is not a 1 MiB aligned span after the header section",
+                r.guid, r.file_offset, r.length
+            ),
+        ));
     }
     if r.file_offset + u64::from(r.length) > file_len {
-        return Err(corrupt(path, "region table", REGION_OFFSETS[0], format!(
-            "region {{{}}} at {:#x} length {:#x} ends past the end of the file ({file_len} bytes)", r.guid, r.file_offset, r.length)));
+        return Err(corrupt(
+            path,
+            "region table",
+            REGION_OFFSETS[0],
+            format!(
+                "region {{{}}} at {:#x} length {:#x} ends past the end of the file ({file_len} bytes)",
+                r.guid, r.file_offset, r.length
+            ),
+        ));
     }
     Ok(())
 }
@@ -621,15 +840,27 @@ fn read_metadata(src: &Src, region: &RegionEntry) -> Result<Meta> {
         if e.length == 0 {
             continue;
         }
-        if u64::from(e.offset) < 64 * 1024 || u64::from(e.offset) + u64::from(e.length) > rlen || e.length > 1 << 20 {
-            return Err(corrupt(path, "metadata table", base, format!(
-                "item {{{}}} at offset {:#x} length {:#x} lies outside the metadata region", e.item, e.offset, e.length)));
+        if u64::from(e.offset) < 64 * 1024
+            || u64::from(e.offset) + u64::from(e.length) > rlen
+            || e.length > 1 << 20
+        {
+            return Err(corrupt(
+                path,
+                "metadata table",
+                base,
+                format!(
+                    "item {{{}}} at offset {:#x} length {:#x} lies outside the metadata region",
+                    e.item, e.offset, e.length
+                ),
+            ));
         }
         spans.push((e.offset, e.length));
-        if !md::KNOWN_ITEMS.contains(&e.item) || e.is_user() {
-            if e.is_required() && !e.is_user() {
-                return Err(Error::unsupported(path, "metadata item", format!("unknown required item {{{}}}", e.item)));
-            }
+        if (!md::KNOWN_ITEMS.contains(&e.item) || e.is_user()) && e.is_required() && !e.is_user() {
+            return Err(Error::unsupported(
+                path,
+                "metadata item",
+                format!("unknown required item {{{}}}", e.item),
+            ));
         }
     }
     spans.sort();
@@ -637,42 +868,112 @@ fn read_metadata(src: &Src, region: &RegionEntry) -> Result<Meta> {
         return Err(corrupt(path, "metadata table", base, "items overlap"));
     }
     let item = |g: Uuid, min: usize| -> Result<Option<Vec<u8>>> {
-        let Some(e) = entries.iter().find(|e| e.item == g && !e.is_user()) else { return Ok(None) };
+        let Some(e) = entries.iter().find(|e| e.item == g && !e.is_user()) else {
+            return Ok(None);
+        };
         if (e.length as usize) < min {
-            return Err(corrupt(path, "metadata item", base + u64::from(e.offset), format!("item {{{g}}} is {} bytes, at least {min} expected", e.length)));
+            return Err(corrupt(
+                path,
+                "metadata item",
+                base + u64::from(e.offset),
+                format!(
+                    "item {{{g}}} is {} bytes, at least {min} expected",
+                    e.length
+                ),
+            ));
         }
-        Ok(Some(src.read_vec(e.length as usize, base + u64::from(e.offset), "a metadata item")?))
+        Ok(Some(src.read_vec(
+            e.length as usize,
+            base + u64::from(e.offset),
+            "a metadata item",
+        )?))
     };
     let need = |g: Uuid, name: &str, min: usize| -> Result<Vec<u8>> {
-        item(g, min)?.ok_or_else(|| corrupt(path, "metadata table", base, format!("required item {name} is missing")))
+        item(g, min)?.ok_or_else(|| {
+            corrupt(
+                path,
+                "metadata table",
+                base,
+                format!("required item {name} is missing"),
+            )
+        })
     };
     let params = FileParameters::decode(&need(md::FILE_PARAMETERS, "File Parameters", 8)?);
     let virtual_size = md::decode_u64(&need(md::VIRTUAL_DISK_SIZE, "Virtual Disk Size", 8)?);
     let disk_id = fx::guid(&need(md::VIRTUAL_DISK_ID, "Virtual Disk ID", 16)?);
-    let logical_sector = u64::from(md::decode_u32(&need(md::LOGICAL_SECTOR_SIZE, "Logical Sector Size", 4)?));
-    let physical_sector = u64::from(md::decode_u32(&need(md::PHYSICAL_SECTOR_SIZE, "Physical Sector Size", 4)?));
+    let logical_sector = u64::from(md::decode_u32(&need(
+        md::LOGICAL_SECTOR_SIZE,
+        "Logical Sector Size",
+        4,
+    )?));
+    let physical_sector = u64::from(md::decode_u32(&need(
+        md::PHYSICAL_SECTOR_SIZE,
+        "Physical Sector Size",
+        4,
+    )?));
     let bs = params.block_size;
-    let at = |g: Uuid| base + entries.iter().find(|e| e.item == g).map_or(0, |e| u64::from(e.offset));
+    let at = |g: Uuid| {
+        base + entries
+            .iter()
+            .find(|e| e.item == g)
+            .map_or(0, |e| u64::from(e.offset))
+    };
     if !bs.is_power_of_two() || !(1 << 20..=256 << 20).contains(&bs) {
-        return Err(corrupt(path, "File Parameters", at(md::FILE_PARAMETERS), format!("block size {bs} is not a power of two between 1 MiB and 256 MiB")));
+        return Err(corrupt(
+            path,
+            "File Parameters",
+            at(md::FILE_PARAMETERS),
+            format!("block size {bs} is not a power of two between 1 MiB and 256 MiB"),
+        ));
     }
     if logical_sector != 512 && logical_sector != 4096 {
-        return Err(corrupt(path, "Logical Sector Size", at(md::LOGICAL_SECTOR_SIZE), format!("{logical_sector} is neither 512 nor 4096")));
+        return Err(corrupt(
+            path,
+            "Logical Sector Size",
+            at(md::LOGICAL_SECTOR_SIZE),
+            format!("{logical_sector} is neither 512 nor 4096"),
+        ));
     }
     if physical_sector != 512 && physical_sector != 4096 {
-        return Err(corrupt(path, "Physical Sector Size", at(md::PHYSICAL_SECTOR_SIZE), format!("{physical_sector} is neither 512 nor 4096")));
+        return Err(corrupt(
+            path,
+            "Physical Sector Size",
+            at(md::PHYSICAL_SECTOR_SIZE),
+            format!("{physical_sector} is neither 512 nor 4096"),
+        ));
     }
-    if virtual_size == 0 || virtual_size > MAX_TB || virtual_size % logical_sector != 0 {
-        return Err(corrupt(path, "Virtual Disk Size", at(md::VIRTUAL_DISK_SIZE), format!("{virtual_size} is not a non-zero multiple of {logical_sector} up to 64 TiB")));
+    if virtual_size == 0 || virtual_size > MAX_TB || !virtual_size.is_multiple_of(logical_sector) {
+        return Err(corrupt(
+            path,
+            "Virtual Disk Size",
+            at(md::VIRTUAL_DISK_SIZE),
+            format!("{virtual_size} is not a non-zero multiple of {logical_sector} up to 64 TiB"),
+        ));
     }
     let locator = match item(md::PARENT_LOCATOR, 20)? {
-        Some(b) => Some(ParentLocator::decode(&b).map_err(|e| corrupt(path, "parent locator", at(md::PARENT_LOCATOR), e))?),
+        Some(b) => Some(
+            ParentLocator::decode(&b)
+                .map_err(|e| corrupt(path, "parent locator", at(md::PARENT_LOCATOR), e))?,
+        ),
         None => None,
     };
     if params.has_parent && locator.is_none() {
-        return Err(corrupt(path, "File Parameters", at(md::FILE_PARAMETERS), "HasParent is set but there is no parent locator"));
+        return Err(corrupt(
+            path,
+            "File Parameters",
+            at(md::FILE_PARAMETERS),
+            "HasParent is set but there is no parent locator",
+        ));
     }
-    Ok(Meta { entries, params, virtual_size, disk_id, logical_sector, physical_sector, locator })
+    Ok(Meta {
+        entries,
+        params,
+        virtual_size,
+        disk_id,
+        logical_sector,
+        physical_sector,
+        locator,
+    })
 }
 
 /// Maps a Windows path in a locator to a file name in the child's folder.
@@ -711,7 +1012,9 @@ impl Layer for VhdxDisk {
         let bs = self.geo.block_size;
         let block = offset / bs;
         let in_block = offset % bs;
-        let n = len.min(bs - in_block).min(self.virtual_size.saturating_sub(offset));
+        let n = len
+            .min(bs - in_block)
+            .min(self.virtual_size.saturating_sub(offset));
         let e = self.bat[self.geo.pb_index(block) as usize];
         Ok(match bat::state(e) {
             bat::PAYLOAD_FULLY_PRESENT => (Extent::Data(bat::offset(e) + in_block), n),
@@ -744,8 +1047,15 @@ impl Layer for VhdxDisk {
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         let ls = self.logical_sector;
-        if offset % ls != 0 || data.len() as u64 % ls != 0 || offset + data.len() as u64 > self.virtual_size {
-            return Err(Error::Invalid(format!("{}: write of {} bytes at {offset} is not aligned to {ls}-byte sectors or passes the disk's end", self.src.path.display(), data.len())));
+        if !offset.is_multiple_of(ls)
+            || !(data.len() as u64).is_multiple_of(ls)
+            || offset + data.len() as u64 > self.virtual_size
+        {
+            return Err(Error::Invalid(format!(
+                "{}: write of {} bytes at {offset} is not aligned to {ls}-byte sectors or passes the disk's end",
+                self.src.path.display(),
+                data.len()
+            )));
         }
         self.start_session()?;
         let bs = self.geo.block_size;
@@ -789,23 +1099,43 @@ impl Layer for VhdxDisk {
             return None;
         }
         let loc = self.locator.as_ref()?;
-        let dir = self.src.path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = self
+            .src
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         let mut candidates: Vec<(String, PathBuf)> = Vec::new();
         if let Some(rel) = loc.get("relative_path") {
             candidates.push(("relative_path".into(), dir.join(rel.replace('\\', "/"))));
         }
         for key in ["absolute_win32_path", "volume_path"] {
             if let Some(name) = loc.get(key).and_then(file_name_of) {
-                candidates.push((format!("{key} (file name in the child's folder)"), dir.join(name)));
+                candidates.push((
+                    format!("{key} (file name in the child's folder)"),
+                    dir.join(name),
+                ));
             }
         }
-        let linkage = loc.get("parent_linkage").and_then(md::parse_braced).unwrap_or_default();
-        let linkage2 = loc.get("parent_linkage2").and_then(md::parse_braced).filter(|g| !g.is_nil());
-        Some(ParentRef { candidates, expected: Identity::VhdxLinkage { linkage, linkage2 } })
+        let linkage = loc
+            .get("parent_linkage")
+            .and_then(md::parse_braced)
+            .unwrap_or_default();
+        let linkage2 = loc
+            .get("parent_linkage2")
+            .and_then(md::parse_braced)
+            .filter(|g| !g.is_nil());
+        Some(ParentRef {
+            candidates,
+            expected: Identity::VhdxLinkage { linkage, linkage2 },
+        })
     }
 
     fn identity(&self) -> Identity {
-        Identity::VhdxLinkage { linkage: self.header.data_write_guid, linkage2: None }
+        Identity::VhdxLinkage {
+            linkage: self.header.data_write_guid,
+            linkage2: None,
+        }
     }
 
     fn info(&self) -> Result<LayerInfo> {
@@ -813,7 +1143,7 @@ impl Layer for VhdxDisk {
         let mut blocks = 0;
         let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
         for (i, &e) in self.bat.iter().enumerate() {
-            if (i as u64 + 1) % (cr + 1) == 0 {
+            if (i as u64 + 1).is_multiple_of(cr + 1) {
                 continue;
             }
             let st = bat::state(e);

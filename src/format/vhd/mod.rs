@@ -110,16 +110,11 @@ impl Footer {
             * SECTOR
     }
 
-    /// The disk size as readers use it: Virtual PC and QEMU-made files with a
-    /// sub-maximal geometry mean the CHS size; everyone else current_size.
+    /// The disk size: current_size, as the spec defines it and as Hyper-V,
+    /// Disk2vhd, Xen, libvhdi and dissect read it. (QEMU uses the CHS size
+    /// for Virtual PC files; `info` shows both.)
     pub fn disk_size(&self) -> u64 {
-        let chs_creator = &self.creator_app == b"vpc " || &self.creator_app == b"qemu";
-        let max_geometry = self.cylinders == 65535 && self.heads == 16 && self.sectors_per_track == 255;
-        if chs_creator && !max_geometry && self.chs_size() != 0 {
-            self.chs_size()
-        } else {
-            self.current_size
-        }
+        self.current_size
     }
 }
 
@@ -311,7 +306,7 @@ mod tests {
 
     #[test]
     fn chs_matches_qemu_for_64mib() {
-        // qemu-img create -f vpc 64M rounds up to 67125248 bytes = 1024×4×... sectors.
+        // 131072 sectors: 17 sectors per track, 8 heads, 963 cylinders.
         let (c, h, s) = geometry(64 << 20);
         assert_eq!((c, h, s), (963, 8, 17));
     }

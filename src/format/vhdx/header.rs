@@ -127,7 +127,10 @@ mod tests {
     fn checksum_covers_reserved_bytes() {
         let mut b = sample(1).encode();
         b[4000] ^= 1;
-        assert!(matches!(Header::decode(&b), Err(HeaderFault::Checksum { .. })));
+        assert!(matches!(
+            Header::decode(&b),
+            Err(HeaderFault::Checksum { .. })
+        ));
     }
 
     #[test]
@@ -138,7 +141,10 @@ mod tests {
         let mut other = sample(3);
         other.data_write_guid = Uuid::from_u128(9);
         assert_eq!(current(&[Ok(sample(3)), Ok(other)]), None);
-        assert_eq!(current(&[Err(HeaderFault::Signature), Ok(sample(1))]), Some(1));
+        assert_eq!(
+            current(&[Err(HeaderFault::Signature), Ok(sample(1))]),
+            Some(1)
+        );
         assert_eq!(
             current(&[Err(HeaderFault::Signature), Err(HeaderFault::Signature)]),
             None

@@ -51,7 +51,11 @@ pub fn parse_entry(log: &[u8], pos: u64, log_guid: &Uuid) -> Option<Entry> {
     let tail = le_u32(head, 12);
     let sequence = le_u64(head, 16);
     let count = u64::from(le_u32(head, 24));
-    if length == 0 || length as usize > log.len() / 2 || u64::from(length) % SECTOR != 0 || tail as u64 % SECTOR != 0 {
+    if length == 0
+        || length as usize > log.len() / 2
+        || u64::from(length) % SECTOR != 0
+        || !(tail as u64).is_multiple_of(SECTOR)
+    {
         return None;
     }
     if guid(&head[32..]) != *log_guid || sequence == 0 {
@@ -73,7 +77,7 @@ pub fn parse_entry(log: &[u8], pos: u64, log_guid: &Uuid) -> Option<Entry> {
         let file_offset = le_u64(d, 16);
         if &d[..4] == ZERO_SIG {
             let length = le_u64(d, 8);
-            if length % SECTOR != 0 || file_offset % SECTOR != 0 {
+            if !length.is_multiple_of(SECTOR) || !file_offset.is_multiple_of(SECTOR) {
                 return None;
             }
             descriptors.push(Descriptor::Zero {
@@ -86,7 +90,7 @@ pub fn parse_entry(log: &[u8], pos: u64, log_guid: &Uuid) -> Option<Entry> {
             if &s[..4] != DATA_SIG
                 || le_u32(s, 4) != (sequence >> 32) as u32
                 || le_u32(s, 4092) != sequence as u32
-                || file_offset % SECTOR != 0
+                || !file_offset.is_multiple_of(SECTOR)
             {
                 return None;
             }
@@ -125,10 +129,7 @@ pub fn active_sequence(log: &[u8], log_guid: &Uuid) -> Option<Vec<Entry>> {
     while start < len {
         let mut seq: Vec<Entry> = Vec::new();
         let mut pos = start;
-        loop {
-            let Some(e) = parse_entry(log, pos, log_guid) else {
-                break;
-            };
+        while let Some(e) = parse_entry(log, pos, log_guid) {
             if let Some(prev) = seq.last()
                 && e.sequence != prev.sequence + 1
             {
@@ -276,7 +277,10 @@ mod tests {
         let b = encode_entry(&g, 11, 0, 4 << 20, &[(0x201000, &page(2))]);
         log[at..at + b.len()].copy_from_slice(&b);
         let seq = active_sequence(&log, &g).unwrap();
-        assert_eq!(seq.iter().map(|e| e.sequence).collect::<Vec<_>>(), vec![10, 11]);
+        assert_eq!(
+            seq.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            vec![10, 11]
+        );
         // Entry 12 whose tail points nowhere valid is incomplete: ignored.
         let at2 = at + b.len();
         let c = encode_entry(&g, 12, 0x80000, 4 << 20, &[(0x202000, &page(3))]);

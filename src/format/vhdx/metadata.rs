@@ -2,7 +2,7 @@
 
 use uuid::Uuid;
 
-use super::{guid, put_guid, KIB64};
+use super::{KIB64, guid, put_guid};
 use crate::format::{le_u16, le_u32, le_u64};
 
 pub const SIGNATURE: &[u8; 8] = b"metadata";
@@ -137,7 +137,10 @@ impl ParentLocator {
 
     pub fn decode(b: &[u8]) -> Result<ParentLocator, String> {
         if b.len() < 20 {
-            return Err(format!("item is {} bytes, shorter than its 20-byte header", b.len()));
+            return Err(format!(
+                "item is {} bytes, shorter than its 20-byte header",
+                b.len()
+            ));
         }
         let kind = guid(b);
         if kind != LOCATOR_TYPE_VHDX {
@@ -145,12 +148,17 @@ impl ParentLocator {
         }
         let count = le_u16(b, 18) as usize;
         if 20 + count * 12 > b.len() {
-            return Err(format!("{count} key/value entries do not fit in {} bytes", b.len()));
+            return Err(format!(
+                "{count} key/value entries do not fit in {} bytes",
+                b.len()
+            ));
         }
         let text = |off: u32, len: u16| -> Result<String, String> {
             let (off, len) = (off as usize, len as usize);
             if len == 0 || len % 2 != 0 || off + len > b.len() {
-                return Err(format!("key/value at {off} with length {len} is out of bounds"));
+                return Err(format!(
+                    "key/value at {off} with length {len} is out of bounds"
+                ));
             }
             let units: Vec<u16> = b[off..off + len]
                 .chunks_exact(2)

@@ -2,7 +2,7 @@
 
 use uuid::Uuid;
 
-use super::{crc_with_zeroed, guid, put_guid, KIB64};
+use super::{KIB64, crc_with_zeroed, guid, put_guid};
 use crate::format::le_u32;
 use crate::format::le_u64;
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs the test oracles it
+# needs (Debian's qemu-utils, and libvhdi-python + dissect.hypervisor from
+# PyPI into ./.venv), checks formatting and lints, then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v qemu-img >/dev/null || ! command -v qemu-io >/dev/null; then
+    echo "== installing qemu-utils"
+    apt-get update -qq && apt-get install -y -qq qemu-utils >/dev/null
+fi
+
+if ! .venv/bin/python -c 'import pyvhdi, dissect.hypervisor' 2>/dev/null; then
+    echo "== installing the Python oracles into .venv"
+    python3 -m venv .venv
+    .venv/bin/pip install -q -r tests/requirements.txt
+fi
+export VHDMERGE_PYTHON="$PWD/.venv/bin/python"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets -q -- -D warnings
+echo "== cargo test"
+cargo test --all-targets -- --test-threads=2 "$@"

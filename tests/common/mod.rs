@@ -1,0 +1,216 @@
+//! Helpers shared by the integration tests: the real-image corpus, temp
+//! folders, decompression, and running the binary.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The corpus of real images: `VHDMERGE_TESTDATA`, else `../shared/testdata/real`.
+/// Under CI a missing corpus fails the test; elsewhere it is skipped.
+pub fn corpus() -> Option<PathBuf> {
+    let dir = std::env::var_os("VHDMERGE_TESTDATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/testdata/real"));
+    if dir.join("EXPECTED.tsv").is_file() {
+        return Some(dir);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "the real-image corpus is missing at {} (set VHDMERGE_TESTDATA)",
+            dir.display()
+        );
+    }
+    eprintln!("skipping: no corpus at {}", dir.display());
+    None
+}
+
+pub struct Expected {
+    /// Child first, parents after.
+    pub chain: Vec<String>,
+    pub virtual_size: u64,
+    pub blake3: String,
+}
+
+pub fn expected(corpus: &Path) -> Vec<Expected> {
+    let text = std::fs::read_to_string(corpus.join("EXPECTED.tsv")).expect("EXPECTED.tsv");
+    text.lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            Expected {
+                chain: f[0].split(" <- ").map(|s| s.trim().to_string()).collect(),
+                virtual_size: f[1].parse().expect("size"),
+                blake3: f[2].to_string(),
+            }
+        })
+        .collect()
+}
+
+/// Copies (decompressing .gz/.bz2) a corpus file into `dir`, keeping its
+/// base name, since children name their parents by file name.
+pub fn materialize(corpus: &Path, rel: &str, dir: &Path) -> PathBuf {
+    let src = corpus.join(rel);
+    let name = src.file_name().unwrap().to_string_lossy().to_string();
+    let (base, kind) = if let Some(b) = name.strip_suffix(".gz") {
+        (b.to_string(), 1)
+    } else if let Some(b) = name.strip_suffix(".bz2") {
+        (b.to_string(), 2)
+    } else {
+        (name.clone(), 0)
+    };
+    let out = dir.join(&base);
+    let file = std::fs::File::open(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    let mut reader: Box<dyn Read> = match kind {
+        1 => Box::new(flate2::read::GzDecoder::new(file)),
+        2 => Box::new(bzip2::read::BzDecoder::new(file)),
+        _ => Box::new(file),
+    };
+    let mut w = std::fs::File::create(&out).unwrap();
+    std::io::copy(&mut reader, &mut w).unwrap();
+    out
+}
+
+pub fn vhdmerge(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
+        .arg("--quiet")
+        .args(args)
+        .output()
+        .expect("run vhdmerge")
+}
+
+pub fn ok(args: &[&str]) -> String {
+    let o = vhdmerge(args);
+    assert!(
+        o.status.success(),
+        "vhdmerge {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+pub fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A tool the test suite needs: under CI its absence is a failure.
+pub fn need(tool: &str) -> bool {
+    if have(tool) {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{tool} is required under CI (see .ci/run)");
+    }
+    eprintln!("skipping: {tool} not installed");
+    false
+}
+
+pub fn blake3_file(path: &Path) -> String {
+    let layer = vhdmerge::disk::raw::RawDisk::open(path).unwrap();
+    let chain = vhdmerge::Chain::single(Box::new(layer));
+    vhdmerge::verify::flat_digest(&chain, |_| {})
+        .unwrap()
+        .to_hex()
+        .to_string()
+}
+
+/// The Python with the oracle packages (see .ci/run): `VHDMERGE_PYTHON`,
+/// else `.venv/bin/python`. Under CI its absence is a failure.
+pub fn python() -> Option<PathBuf> {
+    let p = std::env::var_os("VHDMERGE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    let ok = Command::new(&p)
+        .args(["-c", "import pyvhdi, dissect.hypervisor"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(p);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "{} lacks libvhdi-python / dissect.hypervisor (see .ci/run)",
+            p.display()
+        );
+    }
+    eprintln!("skipping: no oracle Python at {}", p.display());
+    None
+}
+
+/// Reads a disk (and its parents) with an independent reader; returns the
+/// BLAKE3 of what it saw.
+pub fn oracle(python: &Path, reader: &str, files: &[&Path], dir: &Path) -> String {
+    let out = dir.join(format!("oracle-{reader}.raw"));
+    let _ = std::fs::remove_file(&out);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracle.py");
+    let o = Command::new(python)
+        .arg(script)
+        .arg(reader)
+        .arg(&out)
+        .args(files)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{reader} failed on {files:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let h = blake3_file(&out);
+    std::fs::remove_file(&out).unwrap();
+    h
+}
+
+/// BLAKE3 of what `qemu-img convert -O raw` reads.
+pub fn qemu_digest(fmt: &str, file: &Path, dir: &Path) -> String {
+    let out = dir.join("qemu.raw");
+    let _ = std::fs::remove_file(&out);
+    let o = Command::new("qemu-img")
+        .args(["convert", "-f", fmt, "-O", "raw"])
+        .arg(file)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-img convert {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let h = blake3_file(&out);
+    std::fs::remove_file(&out).unwrap();
+    h
+}
+
+pub fn digest_of(top: &Path) -> String {
+    let chain = vhdmerge::Chain::open(top, &Default::default()).unwrap();
+    vhdmerge::verify::flat_digest(&chain, |_| {})
+        .unwrap()
+        .to_hex()
+        .to_string()
+}
+
+/// A small deterministic generator (splitmix64) for test patterns.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let seed = self.next();
+        (0..n)
+            .map(|i| (seed.wrapping_mul(i as u64 + 1) >> 13) as u8 | 1)
+            .collect()
+    }
+}
