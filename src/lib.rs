@@ -7,6 +7,7 @@ pub mod disk;
 pub mod error;
 pub mod format;
 pub mod io;
+pub mod journal;
 pub mod verify;
 
 pub use disk::{Chain, ChainOptions};

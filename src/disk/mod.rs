@@ -136,6 +136,27 @@ pub trait Layer: Send + Sync {
     fn warnings(&self) -> &[String];
 }
 
+/// Opens one file by its content through a given storage.
+pub fn open_layer_with(
+    path: &Path,
+    io: Box<dyn crate::io::Storage>,
+    writable: bool,
+) -> Result<Box<dyn Layer>> {
+    let mut sig = [0u8; 8];
+    let len = io
+        .len()
+        .map_err(|e| crate::error::Error::io(path, "reading size", e))?;
+    if len >= 8 {
+        io.read_at(&mut sig, 0)
+            .map_err(|e| crate::error::Error::io(path, "reading the signature", e))?;
+    }
+    if &sig == crate::format::vhdx::FILE_SIGNATURE {
+        Ok(Box::new(vhdx::VhdxDisk::open_with(path, io, writable)?))
+    } else {
+        Ok(Box::new(vhd::VhdDisk::open_with(path, io, writable)?))
+    }
+}
+
 /// Opens one file by its content (not its name): VHDX by its signature,
 /// VHD by its footer, anything else is refused (raw only on request).
 pub fn open_layer(path: &Path, writable: bool) -> Result<Box<dyn Layer>> {

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::{Extent, Format, Identity, Kind, Layer, LayerInfo, ParentRef};
 use crate::error::{Error, Result};
 use crate::format::vhd::{self as fv, DynHeader, Footer, SECTOR};
-use crate::io::{FileStorage, Src};
+use crate::io::{FileStorage, Src, Storage};
 
 pub struct VhdDisk {
     src: Src,
@@ -32,7 +32,12 @@ fn corrupt(path: &Path, what: &'static str, off: u64, detail: impl Into<String>)
 
 impl VhdDisk {
     pub fn open(path: &Path, writable: bool) -> Result<VhdDisk> {
-        let src = Src::new(path, Box::new(FileStorage::open(path, writable)?));
+        Self::open_with(path, Box::new(FileStorage::open(path, writable)?), writable)
+    }
+
+    /// Opens through a given storage (the merge passes a journaled one).
+    pub fn open_with(path: &Path, io: Box<dyn Storage>, writable: bool) -> Result<VhdDisk> {
+        let src = Src::new(path, io);
         let len = src.len()?;
         let mut warnings = Vec::new();
         let (footer, footer_offset) = read_footer(&src, len, &mut warnings)?;

@@ -16,7 +16,7 @@ use crate::format::vhdx::log as vlog;
 use crate::format::vhdx::metadata::{self as md, FileParameters, MetadataEntry, ParentLocator};
 use crate::format::vhdx::region::{self, RegionEntry, RegionTable};
 use crate::format::vhdx::{self as fx, HEADER_OFFSETS, MIB, REGION_OFFSETS};
-use crate::io::{FileStorage, Overlay, Src};
+use crate::io::{FileStorage, Overlay, Src, Storage};
 
 const MAX_TB: u64 = 64 << 40;
 
@@ -39,6 +39,8 @@ pub enum LogState {
 struct Session {
     log_position: u64,
     log_sequence: u64,
+    /// DataWriteGuid is replaced once, before the first guest-visible write.
+    data_guid_changed: bool,
 }
 
 pub struct VhdxDisk {
@@ -69,6 +71,7 @@ pub struct VhdxDisk {
     /// One cached 1 MiB bitmap block: (file offset, bytes).
     sb_cache: Mutex<Option<(u64, Vec<u8>)>>,
     file_len: u64,
+    next_data_write_guid: Option<Uuid>,
 }
 
 fn corrupt(path: &Path, what: &'static str, off: u64, detail: impl Into<String>) -> Error {
@@ -77,8 +80,12 @@ fn corrupt(path: &Path, what: &'static str, off: u64, detail: impl Into<String>)
 
 impl VhdxDisk {
     pub fn open(path: &Path, writable: bool) -> Result<VhdxDisk> {
-        let file = FileStorage::open(path, writable)?;
-        let mut src = Src::new(path, Box::new(file));
+        Self::open_with(path, Box::new(FileStorage::open(path, writable)?), writable)
+    }
+
+    /// Opens through a given storage (the merge passes a journaled one).
+    pub fn open_with(path: &Path, io: Box<dyn Storage>, writable: bool) -> Result<VhdxDisk> {
+        let mut src = Src::new(path, io);
         let file_len = src.len()?;
         if file_len < 1 << 20 {
             return Err(corrupt(
@@ -182,6 +189,7 @@ impl VhdxDisk {
             dirty_sb: BTreeMap::new(),
             sb_cache: Mutex::new(None),
             file_len,
+            next_data_write_guid: None,
             src,
         };
         disk.bat = disk.read_bat()?;
@@ -399,7 +407,9 @@ impl VhdxDisk {
         Ok(out)
     }
 
-    fn start_session(&mut self) -> Result<()> {
+    /// Begins a write session: new FileWriteGuid and a live LogGuid, and a
+    /// new DataWriteGuid when the session will change guest data.
+    fn start_session(&mut self, data: bool) -> Result<()> {
         if self.session.is_some() {
             return Ok(());
         }
@@ -423,13 +433,43 @@ impl VhdxDisk {
         }
         let mut h = self.header.clone();
         h.file_write_guid = Uuid::new_v4();
-        h.data_write_guid = Uuid::new_v4();
         h.log_guid = Uuid::new_v4();
+        if data {
+            h.data_write_guid = self
+                .next_data_write_guid
+                .take()
+                .unwrap_or_else(Uuid::new_v4);
+        }
         self.write_header_twice(h)?;
         self.session = Some(Session {
             log_position: 0,
             log_sequence: 1,
+            data_guid_changed: data,
         });
+        Ok(())
+    }
+
+    /// Chooses the DataWriteGuid the next write session will set (the merge
+    /// records it in its journal before writing).
+    pub fn set_next_data_write_guid(&mut self, g: Uuid) {
+        self.next_data_write_guid = Some(g);
+    }
+
+    /// MS-VHDX 2.2.2: a new DataWriteGuid before the first change a reader
+    /// of the virtual disk could observe (a locator-only session keeps it).
+    fn change_data_guid(&mut self) -> Result<()> {
+        if self.session.as_ref().is_some_and(|s| s.data_guid_changed) {
+            return Ok(());
+        }
+        let mut h = self.header.clone();
+        h.data_write_guid = self
+            .next_data_write_guid
+            .take()
+            .unwrap_or_else(Uuid::new_v4);
+        self.write_header_twice(h)?;
+        if let Some(s) = self.session.as_mut() {
+            s.data_guid_changed = true;
+        }
         Ok(())
     }
 
@@ -588,7 +628,7 @@ impl VhdxDisk {
 
     /// Replaces the parent locator (used when re-linking a child).
     pub fn set_locator(&mut self, locator: &ParentLocator) -> Result<()> {
-        self.start_session()?;
+        self.start_session(false)?;
         let original = self.src.read_vec(
             self.meta_region.length as usize,
             self.meta_region.file_offset,
@@ -1057,7 +1097,8 @@ impl Layer for VhdxDisk {
                 data.len()
             )));
         }
-        self.start_session()?;
+        self.start_session(true)?;
+        self.change_data_guid()?;
         let bs = self.geo.block_size;
         let mut done = 0usize;
         while done < data.len() {

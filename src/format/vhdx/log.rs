@@ -145,14 +145,21 @@ pub fn active_sequence(log: &[u8], log_guid: &Uuid) -> Option<Vec<Entry>> {
             start += SECTOR;
             continue;
         }
-        // Complete only if the head's tail points at an entry of the sequence.
-        let head = seq.last().expect("non-empty");
-        if let Some(t) = seq.iter().position(|e| e.position == u64::from(head.tail)) {
+        // Every prefix whose head's tail points at an entry of the prefix is
+        // a complete sequence; keep the one with the highest head.
+        for h in 0..seq.len() {
+            let head = &seq[h];
+            let Some(t) = seq[..=h]
+                .iter()
+                .position(|e| e.position == u64::from(head.tail))
+            else {
+                continue;
+            };
             let better = best
                 .as_ref()
                 .is_none_or(|b| b.last().expect("non-empty").sequence < head.sequence);
             if better {
-                best = Some(seq[t..].to_vec());
+                best = Some(seq[t..=h].to_vec());
             }
         }
         let end: u64 = seq.iter().map(|e| u64::from(e.length)).sum();

@@ -1,0 +1,84 @@
+//! Journal records. Their payloads are bincode 2 (legacy configuration:
+//! fixed-width little-endian integers, u64 lengths) of these types.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// The disk that receives the merged data.
+    Ancestor,
+    /// A disk merged into the ancestor (level 0 = the child named on the command line).
+    Merged { level: u32 },
+    /// A child of the merged child, re-linked to the ancestor.
+    Relinked,
+}
+
+/// One file of the transaction, with what proves it is the same file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub role: Role,
+    pub path: String,
+    /// Length when the merge began; rollback truncates back to it.
+    pub length: u64,
+    /// VHDX DataWriteGuid or VHD unique id at the start, as text.
+    pub identity: String,
+    /// BLAKE3 of the first 4 KiB and last 4 KiB at the start: a cheap check
+    /// that recovery is looking at the same files.
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Begin {
+    pub tool_version: String,
+    pub files: Vec<FileEntry>,
+    /// How many disks are merged (levels 0..merged_levels).
+    pub merged_levels: u32,
+    /// VHDX: the ancestor's DataWriteGuid after the merge, chosen up front.
+    pub data_write_guid: Option<String>,
+    /// Content digest (docs/digest.md) of the child's view before the merge:
+    /// what the ancestor must hash to afterwards.
+    pub expected_digest: Option<String>,
+    /// Rename merged files instead of deleting them.
+    pub keep: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    /// Always record 0.
+    Begin(Begin),
+    /// Bytes of `files[file]` at `offset` before the merge overwrote them.
+    /// Durable before the bytes are overwritten. Only bytes below the file's
+    /// starting length are imaged; growth is undone by truncation.
+    BeforeImage {
+        file: u32,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Redo information for one run of guest data copied into the ancestor:
+    /// where it comes from and the BLAKE3 of the bytes.
+    Copy {
+        offset: u64,
+        length: u64,
+        source_level: u32,
+        source_offset: Option<u64>,
+        blake3: [u8; 32],
+    },
+    /// Every write of the merge is durable in the ancestor and re-linked
+    /// children: from here recovery finishes instead of rolling back.
+    Committed,
+    /// Deleting (or renaming) the merged files has begun: rollback is no
+    /// longer possible.
+    CleanupStarted,
+}
+
+impl Record {
+    pub fn kind(&self) -> u16 {
+        match self {
+            Record::Begin(_) => 1,
+            Record::BeforeImage { .. } => 2,
+            Record::Copy { .. } => 3,
+            Record::Committed => 4,
+            Record::CleanupStarted => 5,
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! A storage that keeps the write-ahead rule for one file of a merge.
+//!
+//! A write that overwrites bytes the file had when the merge began is held
+//! back, and the original 4 KiB pages it touches are appended to the
+//! journal as before-images. At the next `flush` (the barrier every caller
+//! already issues between dependent writes) the journal is made durable
+//! first, then the held writes are issued, then the file is flushed. Writes
+//! past the starting length go straight through: truncation undoes them.
+//! So no overwrite ever reaches the disk before its undo information, and
+//! the journal is synced once per barrier, not once per block.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use super::{Record, Writer};
+use crate::io::Storage;
+
+const PAGE: u64 = 4096;
+
+struct State {
+    /// Pages (below `orig_len`) whose before-image is in the journal.
+    saved: Vec<u64>,
+    /// Overwrites waiting for the journal, by offset.
+    held: BTreeMap<u64, Vec<u8>>,
+    /// Set after any failure: no further I/O (an fsync error is never retried).
+    poisoned: bool,
+}
+
+pub struct Journaled<S: Storage> {
+    inner: S,
+    file: u32,
+    orig_len: u64,
+    journal: Arc<Mutex<Writer>>,
+    state: Mutex<State>,
+}
+
+fn poisoned() -> io::Error {
+    io::Error::other("an earlier I/O error aborted the merge; run `vhdmerge recover`")
+}
+
+impl<S: Storage> Journaled<S> {
+    pub fn new(inner: S, file: u32, journal: Arc<Mutex<Writer>>) -> io::Result<Journaled<S>> {
+        let orig_len = inner.len()?;
+        let pages = orig_len.div_ceil(PAGE);
+        Ok(Journaled {
+            inner,
+            file,
+            orig_len,
+            journal,
+            state: Mutex::new(State {
+                saved: vec![0; pages.div_ceil(64) as usize],
+                held: BTreeMap::new(),
+                poisoned: false,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends before-images of the original pages in [start, end).
+    fn image(&self, st: &mut State, start: u64, end: u64) -> io::Result<()> {
+        let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        for page in start / PAGE..end.div_ceil(PAGE) {
+            let (w, b) = ((page / 64) as usize, page % 64);
+            if st.saved[w] >> b & 1 == 1 {
+                continue;
+            }
+            let off = page * PAGE;
+            let len = PAGE.min(self.orig_len - off) as usize;
+            let mut data = vec![0u8; len];
+            self.inner.read_at(&mut data, off)?;
+            journal.append(&Record::BeforeImage {
+                file: self.file,
+                offset: off,
+                data,
+            });
+            st.saved[w] |= 1 << b;
+        }
+        Ok(())
+    }
+
+    /// Journal durable → held writes issued → file flushed.
+    fn barrier(&self, st: &mut State) -> io::Result<()> {
+        {
+            let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+            journal.sync().map_err(io::Error::other)?;
+        }
+        for (off, data) in std::mem::take(&mut st.held) {
+            self.inner.write_at(&data, off)?;
+        }
+        self.inner.flush()
+    }
+
+    fn guarded<T>(&self, f: impl FnOnce(&mut State) -> io::Result<T>) -> io::Result<T> {
+        let mut st = self.lock();
+        if st.poisoned {
+            return Err(poisoned());
+        }
+        let r = f(&mut st);
+        if r.is_err() {
+            st.poisoned = true;
+        }
+        r
+    }
+}
+
+impl<S: Storage> Storage for Journaled<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.guarded(|st| {
+            let end = offset + buf.len() as u64;
+            let overlaps = st
+                .held
+                .range(..end)
+                .next_back()
+                .is_some_and(|(o, d)| o + d.len() as u64 > offset);
+            if overlaps {
+                self.barrier(st)?;
+            }
+            self.inner.read_at(buf, offset)
+        })
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.guarded(|st| {
+            let end = offset + buf.len() as u64;
+            let split = end.min(self.orig_len).max(offset);
+            if split > offset {
+                self.image(st, offset, split)?;
+                let head = buf[..(split - offset) as usize].to_vec();
+                // A later held write to the same offset replaces an earlier one
+                // only if it covers it; otherwise issue what is held first.
+                if st.held.range(offset..split).next().is_some()
+                    || st
+                        .held
+                        .range(..offset)
+                        .next_back()
+                        .is_some_and(|(o, d)| o + d.len() as u64 > offset)
+                {
+                    self.barrier(st)?;
+                }
+                st.held.insert(offset, head);
+            }
+            if end > split {
+                self.inner
+                    .write_at(&buf[(split - offset) as usize..], split)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.guarded(|st| self.barrier(st))
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.guarded(|_| {
+            if len < self.orig_len {
+                return Err(io::Error::other(
+                    "a merge never shrinks a file below its starting length",
+                ));
+            }
+            self.inner.set_len(len)
+        })
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::MemStorage;
+
+    #[test]
+    fn overwrites_wait_for_their_before_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let jp = dir.path().join("j");
+        let begin = super::super::Begin {
+            tool_version: "t".into(),
+            files: vec![],
+            merged_levels: 1,
+            data_write_guid: None,
+            expected_digest: None,
+            keep: false,
+        };
+        let w = Arc::new(Mutex::new(Writer::create(&jp, begin).unwrap()));
+        let s = Journaled::new(MemStorage::new(vec![1u8; 10000]), 0, w.clone()).unwrap();
+        s.write_at(&[9u8; 100], 5000).unwrap();
+        s.write_at(&[8u8; 100], 20000).unwrap();
+        // The overwrite is held, the growth is not.
+        let mut b = [0u8; 1];
+        s.inner.read_at(&mut b, 5000).unwrap();
+        assert_eq!(b[0], 1);
+        s.inner.read_at(&mut b, 20000).unwrap();
+        assert_eq!(b[0], 8);
+        s.flush().unwrap();
+        s.inner.read_at(&mut b, 5000).unwrap();
+        assert_eq!(b[0], 9);
+        let l = super::super::load(&jp).unwrap();
+        // Begin plus one before-image of page 1 (bytes 4096..8192).
+        assert_eq!(l.records.len(), 2);
+        assert!(
+            matches!(&l.records[1], Record::BeforeImage { file: 0, offset: 4096, data } if data.len() == 4096 && data.iter().all(|&x| x == 1))
+        );
+    }
+}
