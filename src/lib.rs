@@ -8,6 +8,8 @@ pub mod error;
 pub mod format;
 pub mod io;
 pub mod journal;
+pub mod merge;
+pub mod recover;
 pub mod verify;
 
 pub use disk::{Chain, ChainOptions};

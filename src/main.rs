@@ -8,7 +8,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
 use vhdmerge::disk::raw::RawDisk;
-use vhdmerge::{Chain, ChainOptions, Error, verify};
+use vhdmerge::merge::{self, MergeOptions};
+use vhdmerge::{Chain, ChainOptions, Error, recover, verify};
 
 mod demo;
 
@@ -84,6 +85,41 @@ enum Cmd {
         json: bool,
         #[arg(long)]
         parent: Option<PathBuf>,
+    },
+    /// Merge a differencing disk (and every disk up to ANCESTOR) into ANCESTOR, crash-safely.
+    Merge {
+        child: PathBuf,
+        /// The ancestor to merge into (default: the direct parent).
+        #[arg(long)]
+        into: Option<PathBuf>,
+        /// Use this file as the child's parent instead of its locators.
+        #[arg(long)]
+        parent: Option<PathBuf>,
+        /// Rename the merged files to NAME.merged instead of deleting them.
+        #[arg(long)]
+        keep: bool,
+        /// Merge even though other disks depend on the ancestor or an intermediate disk.
+        #[arg(long)]
+        force: bool,
+        /// Print the plan (runs, bytes, journal size, space needed) and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print a JSON summary on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Bytes copied between durability points.
+        #[arg(long, value_parser = parse_size, default_value = "32M", hide = true)]
+        batch: u64,
+    },
+    /// Finish or roll back an interrupted merge, from its journal.
+    Recover {
+        /// The ancestor of the interrupted merge (or any file it names).
+        disk: PathBuf,
+        /// Restore every file to its state when the merge began.
+        #[arg(long)]
+        rollback: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Build a small chain in a temporary folder and show what vhdmerge does.
     Demo,
@@ -311,6 +347,108 @@ fn run(cli: Cli) -> Result<(), Error> {
                 println!("{digest}  {}", disk.display());
             }
         }
+        Cmd::Merge {
+            child,
+            into,
+            parent,
+            keep,
+            force,
+            dry_run,
+            json,
+            batch,
+        } => {
+            let opts = MergeOptions {
+                into,
+                parent,
+                keep,
+                force,
+                batch_bytes: batch,
+            };
+            let prepared = merge::prepare(&child, &opts)?;
+            if dry_run {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&prepared.plan).expect("serializable")
+                    );
+                } else {
+                    print_plan(&prepared.plan);
+                }
+                return Ok(());
+            }
+            let pb = bar(cli.quiet || json, prepared.plan.bytes, "merge");
+            let report = merge::execute(prepared, &opts, &mut |done, total| {
+                pb.set_length(total);
+                pb.set_position(done);
+            })?;
+            pb.finish_and_clear();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serializable")
+                );
+            } else {
+                println!(
+                    "merged {} bytes in {} runs into {} ({:.1} s, journal {} bytes)",
+                    report.plan.bytes,
+                    report.plan.runs,
+                    report.plan.ancestor.display(),
+                    report.seconds,
+                    report.journal_bytes
+                );
+                for c in &report.plan.relink {
+                    println!(
+                        "re-linked {} to {}",
+                        c.display(),
+                        report.plan.ancestor.display()
+                    );
+                }
+                println!(
+                    "content digest {} ({})",
+                    report.result_digest,
+                    if report.verified {
+                        "verified: equals the child's view before the merge"
+                    } else {
+                        "MISMATCH"
+                    }
+                );
+            }
+            if !report.verified {
+                return Err(Error::Invalid(format!(
+                    "the merged ancestor's digest {} differs from the expected {}",
+                    report.result_digest, report.expected_digest
+                )));
+            }
+        }
+        Cmd::Recover {
+            disk,
+            rollback,
+            json,
+        } => {
+            let r = recover::recover(&disk, rollback)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).expect("serializable")
+                );
+            } else {
+                let what = match r.outcome {
+                    recover::Outcome::Finished => "finished the merge",
+                    recover::Outcome::RolledBack => "rolled back to the state before the merge",
+                };
+                println!(
+                    "{what} (journal said: {}; {} before-images; {} runs redone{})",
+                    r.state,
+                    r.before_images,
+                    r.redone_runs,
+                    if r.torn_tail {
+                        "; torn tail ignored"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
         Cmd::Demo => demo::run()?,
     }
     Ok(())
@@ -338,4 +476,36 @@ fn print_info(level: usize, i: &vhdmerge::disk::LayerInfo) {
     for w in &i.warnings {
         println!("  WARNING: {w}");
     }
+}
+
+fn print_plan(p: &merge::Plan) {
+    println!("merge plan ({:?}):", p.format);
+    for m in &p.merged {
+        println!("  merge {}", m.display());
+    }
+    println!("  into  {}", p.ancestor.display());
+    for c in &p.relink {
+        println!("  re-link child {}", c.display());
+    }
+    for s in &p.siblings {
+        println!(
+            "  WARNING: sibling {} depends on the ancestor or an intermediate disk",
+            s.display()
+        );
+    }
+    println!(
+        "  {} runs, {} bytes to copy; {} bytes overwritten in place",
+        p.runs, p.bytes, p.overwrite_bytes
+    );
+    println!(
+        "  {} new blocks ({} bytes); journal about {} bytes at {}",
+        p.new_blocks,
+        p.new_bytes,
+        p.journal_estimate,
+        p.journal.display()
+    );
+    println!(
+        "  space needed {} bytes, free {} bytes",
+        p.space_needed, p.free_space
+    );
 }

@@ -258,7 +258,7 @@ pub fn create_vhdx(path: &Path, o: &VhdxOptions) -> Result<()> {
 }
 
 /// A relative path from `child`'s folder to `parent`, Windows style.
-fn relative_win_path(child: &Path, parent: &Path) -> String {
+pub fn relative_win_path(child: &Path, parent: &Path) -> String {
     let cdir = std::fs::canonicalize(
         child
             .parent()

@@ -267,6 +267,63 @@ impl VhdDisk {
     }
 }
 
+impl VhdDisk {
+    /// Re-links a differencing disk to a new parent: parent unique id,
+    /// parent name and the W2ru/W2ku locator data, rewritten in place.
+    pub fn set_parent(
+        &mut self,
+        parent_uid: Uuid,
+        parent_name: &str,
+        relative: &str,
+    ) -> Result<()> {
+        self.refuse_if_damaged()?;
+        let path = self.src.path.clone();
+        let mut h = self.header.clone().ok_or_else(|| {
+            Error::Invalid(format!("{}: not a differencing disk", path.display()))
+        })?;
+        for l in h.locators.iter_mut() {
+            let text = match &l.code {
+                b"W2ru" | b"Wi2r" => relative.to_string(),
+                b"W2ku" | b"Wi2k" => format!("C:\\{parent_name}"),
+                _ => continue,
+            };
+            let data: Vec<u8> = if &l.code == b"W2ru" || &l.code == b"W2ku" {
+                text.encode_utf16().flat_map(u16::to_le_bytes).collect()
+            } else {
+                text.into_bytes()
+            };
+            // Data space is sectors by the spec, bytes in Hyper-V's files.
+            let room = if l.data_space >= 512 {
+                u64::from(l.data_space)
+            } else {
+                u64::from(l.data_space) * SECTOR
+            };
+            if data.len() as u64 > room {
+                return Err(Error::unsupported(
+                    &path,
+                    "parent locator",
+                    format!(
+                        "the new parent path needs {} bytes, the locator has room for {room}",
+                        data.len()
+                    ),
+                ));
+            }
+            let mut padded = data.clone();
+            padded.resize(data.len().max(l.data_length as usize), 0);
+            self.src
+                .write(&padded, l.data_offset, "parent locator data")?;
+            l.data_length = data.len() as u32;
+        }
+        h.parent_unique_id = parent_uid;
+        h.parent_name = parent_name.to_string();
+        self.src
+            .write(&h.encode(), self.header_offset, "the dynamic header")?;
+        self.src.flush()?;
+        self.header = Some(h);
+        Ok(())
+    }
+}
+
 fn read_footer(src: &Src, len: u64, warnings: &mut Vec<String>) -> Result<(Footer, u64)> {
     let path = &src.path;
     if len < 512 {

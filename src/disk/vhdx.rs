@@ -33,6 +33,8 @@ pub enum LogState {
     ReplayedOnDisk {
         entries: usize,
     },
+    /// LogGuid is set but no complete entry carries it: nothing to replay.
+    LiveWithoutEntries,
 }
 
 /// Open-time state of a write session.
@@ -112,11 +114,14 @@ impl VhdxDisk {
         if !header.log_guid.is_nil() {
             let entries = find_log(&src, &header, file_len)?;
             let n = entries.len();
-            if writable {
+            if n == 0 && !writable {
+                log_state = LogState::LiveWithoutEntries;
+            } else if writable {
                 replay_on_disk(&src, &header, header_slot, &entries)?;
                 log_state = LogState::ReplayedOnDisk { entries: n };
             } else {
-                let base = FileStorage::open(path, false)?;
+                let base =
+                    std::mem::replace(&mut src.io, Box::new(crate::io::MemStorage::default()));
                 let overlay = Overlay::new(base).map_err(|e| Error::io(path, "opening", e))?;
                 vlog::replay(&overlay, &entries)
                     .map_err(|e| Error::io(path, "replaying the log in memory", e))?;
@@ -433,7 +438,6 @@ impl VhdxDisk {
         }
         let mut h = self.header.clone();
         h.file_write_guid = Uuid::new_v4();
-        h.log_guid = Uuid::new_v4();
         if data {
             h.data_write_guid = self
                 .next_data_write_guid
@@ -591,6 +595,13 @@ impl VhdxDisk {
         let log_len = u64::from(self.header.log_length);
         let log_off = self.header.log_offset;
         let max_per_entry = ((log_len / vlog::SECTOR).saturating_sub(2) as usize).clamp(1, 4000);
+        if self.header.log_guid.is_nil() {
+            // The log becomes live only now, right before its first entry,
+            // with a LogGuid no stale entry in the ring can carry.
+            let mut h = self.header.clone();
+            h.log_guid = Uuid::new_v4();
+            self.write_header_twice(h)?;
+        }
         for group in pages.chunks(max_per_entry) {
             let session = self.session.as_mut().expect("session started");
             let count = group.len() as u64;
@@ -773,13 +784,17 @@ fn check_header(path: &Path, h: &Header, file_len: u64) -> Result<()> {
     Ok(())
 }
 
+/// The active sequence, tail first; empty when there is nothing to replay.
 fn find_log(src: &Src, h: &Header, file_len: u64) -> Result<Vec<vlog::Entry>> {
     let log = src.read_vec(h.log_length as usize, h.log_offset, "the log")?;
-    let entries = vlog::active_sequence(&log, &h.log_guid).ok_or_else(|| {
-        corrupt(&src.path, "log", h.log_offset, format!(
-            "LogGuid {{{}}} says the log is live but no complete entry sequence was found; the file cannot be brought to a consistent state", h.log_guid))
-    })?;
-    let head = entries.last().expect("non-empty");
+    // No complete sequence means no entry was ever made durable under this
+    // LogGuid; since entries are flushed before they are applied, nothing of
+    // the log reached the file and there is nothing to replay (QEMU reads
+    // such files the same way).
+    let Some(entries) = vlog::active_sequence(&log, &h.log_guid) else {
+        return Ok(Vec::new());
+    };
+    let head = entries.last().expect("active sequences are non-empty");
     if file_len < head.flushed_file_offset {
         return Err(corrupt(
             &src.path,
@@ -1128,9 +1143,11 @@ impl Layer for VhdxDisk {
             return Ok(());
         }
         self.commit()?;
-        let mut h = self.header.clone();
-        h.log_guid = Uuid::nil();
-        self.write_header_twice(h)?;
+        if !self.header.log_guid.is_nil() {
+            let mut h = self.header.clone();
+            h.log_guid = Uuid::nil();
+            self.write_header_twice(h)?;
+        }
         self.session = None;
         Ok(())
     }

@@ -69,6 +69,9 @@ pub enum Record {
     /// Deleting (or renaming) the merged files has begun: rollback is no
     /// longer possible.
     CleanupStarted,
+    /// An explicit rollback of a committed merge has begun: a later
+    /// recovery must finish the rollback, not the merge.
+    RollbackStarted,
 }
 
 impl Record {
@@ -79,6 +82,7 @@ impl Record {
             Record::Copy { .. } => 3,
             Record::Committed => 4,
             Record::CleanupStarted => 5,
+            Record::RollbackStarted => 6,
         }
     }
 }

@@ -1,0 +1,539 @@
+//! Merging a differencing chain into an ancestor, crash-safely.
+//!
+//! plan (read-only: runs, space, siblings) → journal Begin (durable) →
+//! apply (copy runs into the ancestor through the write-ahead storage,
+//! batch by batch) → re-link children → Committed (durable) → cleanup
+//! (delete or rename the merged files, delete the journal). See
+//! `journal-format.md` for the crash argument.
+
+pub mod preflight;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::disk::vhd::VhdDisk;
+use crate::disk::vhdx::VhdxDisk;
+use crate::disk::{Chain, ChainOptions, Extent, Format, Layer};
+use crate::error::{Error, Result};
+use crate::io::FileStorage;
+use crate::journal::storage::Journaled;
+use crate::journal::{self, Begin, FileEntry, Record, Role, Writer};
+use preflight::{Dependent, canonical};
+
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    /// The ancestor to merge into (default: the child's direct parent).
+    pub into: Option<PathBuf>,
+    /// Overrides the child's parent, as `--parent` does elsewhere.
+    pub parent: Option<PathBuf>,
+    /// Rename the merged files to NAME.merged instead of deleting them.
+    pub keep: bool,
+    /// Merge even though other disks (siblings) depend on the ancestor or an
+    /// intermediate disk; they will no longer read correctly.
+    pub force: bool,
+    /// Bytes copied between two durability points.
+    pub batch_bytes: u64,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        MergeOptions {
+            into: None,
+            parent: None,
+            keep: false,
+            force: false,
+            batch_bytes: 32 << 20,
+        }
+    }
+}
+
+/// A run of guest data to copy: from a merged level, or zeros that must
+/// hide the ancestor's data.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    pub offset: u64,
+    pub len: u64,
+    pub level: usize,
+    pub source: Option<u64>,
+}
+
+/// What a merge will do; printed by `--dry-run` and part of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub child: PathBuf,
+    pub ancestor: PathBuf,
+    pub format: Format,
+    /// Top first; all are deleted (or renamed) at the end.
+    pub merged: Vec<PathBuf>,
+    /// Children of the merged child, re-linked to the ancestor.
+    pub relink: Vec<PathBuf>,
+    /// Other disks that depend on the ancestor or an intermediate disk.
+    pub siblings: Vec<PathBuf>,
+    pub runs: u64,
+    pub bytes: u64,
+    /// Bytes of the ancestor overwritten in place (their before-images go to the journal).
+    pub overwrite_bytes: u64,
+    /// Ancestor blocks to allocate.
+    pub new_blocks: u64,
+    pub new_bytes: u64,
+    pub journal_estimate: u64,
+    pub space_needed: u64,
+    pub free_space: u64,
+    pub journal: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub plan: Plan,
+    pub journal_bytes: u64,
+    pub expected_digest: String,
+    pub result_digest: String,
+    pub verified: bool,
+    pub seconds: f64,
+}
+
+/// Calls `f` for every run the merged levels (0..ancestor) hold, in order.
+pub fn for_each_run(
+    chain: &Chain,
+    ancestor: usize,
+    mut f: impl FnMut(Run) -> Result<()>,
+) -> Result<()> {
+    const PIECE: u64 = 4 << 20;
+    let size = chain.virtual_size();
+    let mut pos = 0u64;
+    while pos < size {
+        let (level, ext, n) = chain.resolve(0, pos, (size - pos).min(PIECE))?;
+        if level < ancestor {
+            let source = match ext {
+                Extent::Data(fo) => Some(fo),
+                _ => None,
+            };
+            f(Run {
+                offset: pos,
+                len: n,
+                level,
+                source,
+            })?;
+        }
+        pos += n;
+    }
+    Ok(())
+}
+
+/// Whether a zero run needs writing: not when the ancestor already reads zeros there.
+fn ancestor_reads_zero(a: &dyn Layer, offset: u64, len: u64) -> Result<bool> {
+    let mut pos = offset;
+    while pos < offset + len {
+        let (ext, n) = a.map(pos, offset + len - pos)?;
+        if ext != Extent::Zero {
+            return Ok(false);
+        }
+        pos += n;
+    }
+    Ok(true)
+}
+
+pub struct Prepared {
+    pub chain: Chain,
+    pub ancestor: usize,
+    pub plan: Plan,
+    pub relink: Vec<Dependent>,
+}
+
+/// Everything before the first write: open and check the chain, find the
+/// ancestor, siblings and children, size the work, check space and journals.
+pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
+    let chain = Chain::open(
+        child,
+        &ChainOptions {
+            parent: opts.parent.clone(),
+            ..Default::default()
+        },
+    )?;
+    if chain.layers.len() < 2 {
+        return Err(Error::Invalid(format!(
+            "{}: not a differencing disk; there is nothing to merge",
+            child.display()
+        )));
+    }
+    let ancestor = match &opts.into {
+        None => 1,
+        Some(a) => {
+            let want = canonical(a);
+            chain
+                .layers
+                .iter()
+                .position(|l| canonical(l.path()) == want)
+                .filter(|&i| i > 0)
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "{}: {} is not an ancestor of this disk; its chain is: {}",
+                        child.display(),
+                        a.display(),
+                        chain
+                            .layers
+                            .iter()
+                            .map(|l| l.path().display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(" -> ")
+                    ))
+                })?
+        }
+    };
+    preflight::refuse_damaged(&chain, ancestor + 1)?;
+    let paths = preflight::layer_paths(&chain);
+    preflight::refuse_pending(&paths[..=ancestor])?;
+    let deps = preflight::dependents(&chain, ancestor);
+    let (relink, siblings): (Vec<Dependent>, Vec<Dependent>) =
+        deps.into_iter().partition(|d| d.parent_level == 0);
+    if !siblings.is_empty() && !opts.force {
+        let list = siblings
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} (child of {})",
+                    s.path.display(),
+                    chain.layers[s.parent_level].path().display()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(Error::WriteRefused {
+            path: chain.layers[ancestor].path().to_path_buf(),
+            reason: format!(
+                "other disks depend on the ancestor or an intermediate disk and would be corrupted by this merge: {list}. Merge or delete them first, or pass --force to proceed knowingly"
+            ),
+        });
+    }
+    let rel_paths: Vec<&Path> = relink.iter().map(|d| d.path.as_path()).collect();
+    preflight::refuse_pending(&rel_paths)?;
+
+    let a = chain.layers[ancestor].as_ref();
+    let (mut runs, mut bytes, mut overwrite) = (0u64, 0u64, 0u64);
+    let mut new_blocks = std::collections::BTreeSet::new();
+    for_each_run(&chain, ancestor, |r| {
+        if r.source.is_none() && ancestor_reads_zero(a, r.offset, r.len)? {
+            return Ok(());
+        }
+        runs += 1;
+        bytes += r.len;
+        let mut pos = r.offset;
+        while pos < r.offset + r.len {
+            let (ext, n) = a.map(pos, r.offset + r.len - pos)?;
+            match ext {
+                Extent::Data(_) => overwrite += n,
+                _ => {
+                    new_blocks.insert(pos / a.block_size());
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    })?;
+    let new_bytes = new_blocks.len() as u64 * a.block_size();
+    // Before-images: overwritten bytes (whole pages), metadata pages, the
+    // VHDX headers and log region; plus one Copy record per run.
+    let meta = (new_blocks.len() as u64 + runs / 64 + 16) * 8192 + (2 << 20);
+    let journal_estimate = overwrite.next_multiple_of(4096) * 2 + meta + runs * 96;
+    // New blocks, a bitmap block per 1 MiB... of slack, and the journal.
+    let space_needed = new_bytes + new_bytes / 64 + journal_estimate;
+    let free_space = preflight::check_space(a.path(), space_needed)?;
+    let plan = Plan {
+        child: child.to_path_buf(),
+        ancestor: a.path().to_path_buf(),
+        format: a.format(),
+        merged: chain.layers[..ancestor]
+            .iter()
+            .map(|l| l.path().to_path_buf())
+            .collect(),
+        relink: relink.iter().map(|d| d.path.clone()).collect(),
+        siblings: siblings.iter().map(|d| d.path.clone()).collect(),
+        runs,
+        bytes,
+        overwrite_bytes: overwrite,
+        new_blocks: new_blocks.len() as u64,
+        new_bytes,
+        journal_estimate,
+        space_needed,
+        free_space,
+        journal: journal::path_for(a.path()),
+    };
+    Ok(Prepared {
+        chain,
+        ancestor,
+        plan,
+        relink,
+    })
+}
+
+fn fingerprint(path: &Path) -> Result<String> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, "reading", e))?;
+    let mut b = vec![0u8; 4096];
+    let n = std::os::unix::fs::FileExt::read_at(&f, &mut b, 0)
+        .map_err(|e| Error::io(path, "reading", e))?;
+    Ok(blake3::hash(&b[..n]).to_hex().to_string())
+}
+
+fn file_entry(role: Role, l: &dyn Layer) -> Result<FileEntry> {
+    let length = std::fs::metadata(l.path())
+        .map_err(|e| Error::io(l.path(), "reading size", e))?
+        .len();
+    Ok(FileEntry {
+        role,
+        path: canonical(l.path()).to_string_lossy().to_string(),
+        length,
+        identity: l.identity().describe(),
+        fingerprint: fingerprint(l.path())?,
+    })
+}
+
+/// Opens a file for writing through the journal.
+pub fn open_journaled(
+    path: &Path,
+    index: u32,
+    journal: &Arc<Mutex<Writer>>,
+    format: Format,
+    guid: Option<Uuid>,
+) -> Result<Box<dyn Layer>> {
+    let file = FileStorage::open(path, true)?;
+    let io = Box::new(
+        Journaled::new(file, index, journal.clone()).map_err(|e| Error::io(path, "opening", e))?,
+    );
+    Ok(match format {
+        Format::Vhdx => {
+            let mut d = VhdxDisk::open_with(path, io, true)?;
+            if let Some(g) = guid {
+                d.set_next_data_write_guid(g);
+            }
+            Box::new(d)
+        }
+        _ => Box::new(VhdDisk::open_with(path, io, true)?),
+    })
+}
+
+/// Fails the merge at a chosen step, for tests of interrupted merges:
+/// `VHDMERGE_FAIL_AT=<step>` aborts the process when that step is reached.
+pub fn failpoint(step: &str) {
+    if std::env::var("VHDMERGE_FAIL_AT").is_ok_and(|s| s == step) {
+        eprintln!("vhdmerge: failpoint {step}: aborting");
+        std::process::abort();
+    }
+}
+
+/// Runs a prepared merge to the end.
+pub fn execute(
+    p: Prepared,
+    opts: &MergeOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Report> {
+    let started = std::time::Instant::now();
+    let Prepared {
+        chain,
+        ancestor,
+        plan,
+        relink,
+    } = p;
+    let mut lock_paths: Vec<&Path> = preflight::layer_paths(&chain)[..=ancestor].to_vec();
+    lock_paths.extend(relink.iter().map(|d| d.path.as_path()));
+    let _locks = preflight::lock_all(&lock_paths)?;
+
+    // The expected result: the child's view, as a content digest.
+    let expected = crate::verify::content_digest(&chain, |_| {})?.root;
+    let a_layer = chain.layers[ancestor].as_ref();
+    let format = a_layer.format();
+    let new_guid = (format == Format::Vhdx).then(Uuid::new_v4);
+    let mut files = vec![file_entry(Role::Ancestor, a_layer)?];
+    for (i, l) in chain.layers[..ancestor].iter().enumerate() {
+        files.push(file_entry(Role::Merged { level: i as u32 }, l.as_ref())?);
+    }
+    for d in &relink {
+        let l = crate::disk::open_layer(&d.path, false)?;
+        files.push(file_entry(Role::Relinked, l.as_ref())?);
+    }
+    let begin = Begin {
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        files,
+        merged_levels: ancestor as u32,
+        data_write_guid: new_guid.map(|g| g.to_string()),
+        expected_digest: Some(expected.to_hex().to_string()),
+        keep: opts.keep,
+    };
+    let jpath = journal::path_for(a_layer.path());
+    let journal = Arc::new(Mutex::new(Writer::create(&jpath, begin)?));
+    failpoint("after-begin");
+
+    let mut a = open_journaled(a_layer.path(), 0, &journal, format, new_guid)?;
+    let mut done = 0u64;
+    let mut since_commit = 0u64;
+    let mut batches = 0u64;
+    for_each_run(&chain, ancestor, |r| {
+        let data = match r.source {
+            Some(fo) => {
+                let mut buf = vec![0u8; r.len as usize];
+                chain.layers[r.level].read_data(fo, &mut buf)?;
+                buf
+            }
+            None => {
+                if ancestor_reads_zero(a.as_ref(), r.offset, r.len)? {
+                    return Ok(());
+                }
+                vec![0u8; r.len as usize]
+            }
+        };
+        let hash = blake3::hash(&data);
+        journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .append(&Record::Copy {
+                offset: r.offset,
+                length: r.len,
+                source_level: r.level as u32,
+                source_offset: r.source,
+                blake3: *hash.as_bytes(),
+            });
+        a.write(r.offset, &data)?;
+        done += r.len;
+        since_commit += r.len;
+        if since_commit >= opts.batch_bytes {
+            a.commit()?;
+            since_commit = 0;
+            batches += 1;
+            if batches == 1 {
+                failpoint("mid-apply");
+            }
+        }
+        progress(done, plan.bytes);
+        Ok(())
+    })?;
+    a.commit()?;
+    failpoint("before-close");
+    a.close()?;
+    let a_identity = a.identity();
+    drop(a);
+    failpoint("after-apply");
+
+    for (i, d) in relink.iter().enumerate() {
+        relink_child(
+            &d.path,
+            1 + ancestor as u32 + i as u32,
+            &journal,
+            chain.layers[ancestor].path(),
+            &a_identity,
+        )?;
+        failpoint("mid-relink");
+    }
+    {
+        let mut j = journal.lock().unwrap_or_else(|e| e.into_inner());
+        j.append(&Record::Committed);
+        j.sync()?;
+    }
+    failpoint("after-commit");
+    let journal_bytes = journal
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .bytes_written();
+    let merged: Vec<PathBuf> = chain.layers[..ancestor]
+        .iter()
+        .map(|l| l.path().to_path_buf())
+        .collect();
+    let a_path = chain.layers[ancestor].path().to_path_buf();
+    drop(chain);
+    cleanup(&journal, &jpath, &merged, opts.keep)?;
+
+    // Prove it: the ancestor alone now shows what the child showed.
+    let after = Chain::open(&a_path, &ChainOptions::default())?;
+    let result = crate::verify::content_digest(&after, |_| {})?.root;
+    Ok(Report {
+        plan,
+        journal_bytes,
+        expected_digest: expected.to_hex().to_string(),
+        result_digest: result.to_hex().to_string(),
+        verified: result == expected,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// After Committed: mark cleanup, delete (or rename) the merged files, and
+/// delete the journal. Every step is idempotent.
+pub fn cleanup(
+    journal: &Arc<Mutex<Writer>>,
+    jpath: &Path,
+    merged: &[PathBuf],
+    keep: bool,
+) -> Result<()> {
+    {
+        let mut j = journal.lock().unwrap_or_else(|e| e.into_inner());
+        j.append(&Record::CleanupStarted);
+        j.sync()?;
+    }
+    failpoint("mid-cleanup");
+    remove_merged(merged, keep)?;
+    journal::remove(jpath)
+}
+
+pub fn remove_merged(merged: &[PathBuf], keep: bool) -> Result<()> {
+    for m in merged {
+        if !m.exists() {
+            continue;
+        }
+        if keep {
+            let mut name = m.file_name().unwrap_or_default().to_os_string();
+            name.push(".merged");
+            let to = m.with_file_name(name);
+            std::fs::rename(m, &to).map_err(|e| Error::io(m, "renaming the merged file", e))?;
+        } else {
+            std::fs::remove_file(m).map_err(|e| Error::io(m, "deleting the merged file", e))?;
+        }
+        journal::sync_dir(m)?;
+    }
+    Ok(())
+}
+
+/// Points a child of the merged child at the ancestor: new identity and
+/// paths, through the journal (VHDX: through the child's own log).
+pub fn relink_child(
+    child: &Path,
+    index: u32,
+    journal: &Arc<Mutex<Writer>>,
+    ancestor: &Path,
+    identity: &crate::disk::Identity,
+) -> Result<()> {
+    let layer = crate::disk::open_layer(child, false)?;
+    let format = layer.format();
+    drop(layer);
+    let file = FileStorage::open(child, true)?;
+    let io = Box::new(
+        Journaled::new(file, index, journal.clone()).map_err(|e| Error::io(child, "opening", e))?,
+    );
+    let rel = crate::disk::create::relative_win_path(child, ancestor);
+    let name = ancestor
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    match (format, identity) {
+        (Format::Vhdx, crate::disk::Identity::VhdxLinkage { linkage, .. }) => {
+            let mut d = VhdxDisk::open_with(child, io, true)?;
+            let mut loc = crate::format::vhdx::metadata::ParentLocator::default();
+            loc.set(
+                "parent_linkage",
+                &crate::format::vhdx::metadata::braced(linkage),
+            );
+            loc.set("relative_path", &rel);
+            loc.set("absolute_win32_path", &format!("\\\\?\\C:\\{name}"));
+            d.set_locator(&loc)?;
+            d.close()
+        }
+        (Format::Vhd, crate::disk::Identity::VhdUniqueId(uid)) => {
+            let mut d = VhdDisk::open_with(child, io, true)?;
+            d.set_parent(*uid, &name, &rel)?;
+            d.close()
+        }
+        _ => Err(Error::Invalid(format!(
+            "{}: cannot re-link across formats",
+            child.display()
+        ))),
+    }
+}
