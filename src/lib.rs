@@ -6,6 +6,7 @@
 pub mod disk;
 pub mod error;
 pub mod format;
+pub mod guid;
 pub mod io;
 pub mod journal;
 pub mod merge;

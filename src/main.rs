@@ -11,6 +11,16 @@ use vhdmerge::disk::raw::RawDisk;
 use vhdmerge::merge::{self, MergeOptions};
 use vhdmerge::{Chain, ChainOptions, Error, recover, verify};
 
+/// println! that ends quietly when stdout is closed (e.g. piped into `head`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 mod demo;
 
 /// Exit codes: 0 success, 1 the operation failed (the message says why),
@@ -230,7 +240,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let shown = if all { &infos[..] } else { &infos[..1] };
             if json {
                 let v = serde_json::json!({ "levels": shown, "links": chain.links, "chain_depth": infos.len() });
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&v).expect("serializable")
                 );
@@ -239,7 +249,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     print_info(i, inf);
                 }
                 for l in &chain.links {
-                    println!(
+                    out!(
                         "link: {} -> {} (found by {}, identity {})",
                         l.child.display(),
                         l.parent.display(),
@@ -298,7 +308,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     )?;
                 }
             }
-            println!("created {}", path.display());
+            out!("created {}", path.display());
         }
         Cmd::Export { disk, out, parent } => {
             let chain = open_chain(&disk, parent)?;
@@ -306,7 +316,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let pb = bar(cli.quiet, chain.virtual_size(), "export");
             verify::export_raw(&chain, &out, |p| pb.set_position(p))?;
             pb.finish_and_clear();
-            println!(
+            out!(
                 "exported {} bytes to {}",
                 chain.virtual_size(),
                 out.display()
@@ -339,12 +349,12 @@ fn run(cli: Cli) -> Result<(), Error> {
             };
             pb.finish_and_clear();
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::json!({ "disk": disk, "kind": kind, "virtual_size": chain.virtual_size(), "blake3": digest })
                 );
             } else {
-                println!("{digest}  {}", disk.display());
+                out!("{digest}  {}", disk.display());
             }
         }
         Cmd::Merge {
@@ -367,7 +377,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let prepared = merge::prepare(&child, &opts)?;
             if dry_run {
                 if json {
-                    println!(
+                    out!(
                         "{}",
                         serde_json::to_string_pretty(&prepared.plan).expect("serializable")
                     );
@@ -383,12 +393,12 @@ fn run(cli: Cli) -> Result<(), Error> {
             })?;
             pb.finish_and_clear();
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&report).expect("serializable")
                 );
             } else {
-                println!(
+                out!(
                     "merged {} bytes in {} runs into {} ({:.1} s, journal {} bytes)",
                     report.plan.bytes,
                     report.plan.runs,
@@ -397,13 +407,13 @@ fn run(cli: Cli) -> Result<(), Error> {
                     report.journal_bytes
                 );
                 for c in &report.plan.relink {
-                    println!(
+                    out!(
                         "re-linked {} to {}",
                         c.display(),
                         report.plan.ancestor.display()
                     );
                 }
-                println!(
+                out!(
                     "content digest {} ({})",
                     report.result_digest,
                     if report.verified {
@@ -427,7 +437,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         } => {
             let r = recover::recover(&disk, rollback)?;
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&r).expect("serializable")
                 );
@@ -436,7 +446,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     recover::Outcome::Finished => "finished the merge",
                     recover::Outcome::RolledBack => "rolled back to the state before the merge",
                 };
-                println!(
+                out!(
                     "{what} (journal said: {}; {} before-images; {} runs redone{})",
                     r.state,
                     r.before_images,
@@ -455,57 +465,64 @@ fn run(cli: Cli) -> Result<(), Error> {
 }
 
 fn print_info(level: usize, i: &vhdmerge::disk::LayerInfo) {
-    println!("level {level}: {}", i.path.display());
-    println!("  format: {:?} {:?}", i.format, i.kind);
-    println!("  virtual size: {} bytes", i.virtual_size);
-    println!(
+    out!("level {level}: {}", i.path.display());
+    out!("  format: {:?} {:?}", i.format, i.kind);
+    out!("  virtual size: {} bytes", i.virtual_size);
+    out!(
         "  block size: {} bytes, logical sector {}, physical sector {}",
-        i.block_size, i.logical_sector_size, i.physical_sector_size
+        i.block_size,
+        i.logical_sector_size,
+        i.physical_sector_size
     );
-    println!(
+    out!(
         "  file size: {} bytes, allocated: {} blocks ({} bytes)",
-        i.file_size, i.allocated_blocks, i.allocated_bytes
+        i.file_size,
+        i.allocated_blocks,
+        i.allocated_bytes
     );
     if let Some(obj) = i.details.as_object() {
         for (k, v) in obj {
             if !v.is_null() {
-                println!("  {k}: {v}");
+                out!("  {k}: {v}");
             }
         }
     }
     for w in &i.warnings {
-        println!("  WARNING: {w}");
+        out!("  WARNING: {w}");
     }
 }
 
 fn print_plan(p: &merge::Plan) {
-    println!("merge plan ({:?}):", p.format);
+    out!("merge plan ({:?}):", p.format);
     for m in &p.merged {
-        println!("  merge {}", m.display());
+        out!("  merge {}", m.display());
     }
-    println!("  into  {}", p.ancestor.display());
+    out!("  into  {}", p.ancestor.display());
     for c in &p.relink {
-        println!("  re-link child {}", c.display());
+        out!("  re-link child {}", c.display());
     }
     for s in &p.siblings {
-        println!(
+        out!(
             "  WARNING: sibling {} depends on the ancestor or an intermediate disk",
             s.display()
         );
     }
-    println!(
+    out!(
         "  {} runs, {} bytes to copy; {} bytes overwritten in place",
-        p.runs, p.bytes, p.overwrite_bytes
+        p.runs,
+        p.bytes,
+        p.overwrite_bytes
     );
-    println!(
+    out!(
         "  {} new blocks ({} bytes); journal about {} bytes at {}",
         p.new_blocks,
         p.new_bytes,
         p.journal_estimate,
         p.journal.display()
     );
-    println!(
+    out!(
         "  space needed {} bytes, free {} bytes",
-        p.space_needed, p.free_space
+        p.space_needed,
+        p.free_space
     );
 }

@@ -56,7 +56,9 @@ def main():
         size, read = open_libvhdi(top, parents)
     else:
         sys.exit(f"unknown reader {reader}")
-    step = 4 << 20
+    # dissect returned short reads for some multi-megabyte reads that span
+    # levels with different block sizes; 64 KiB reads are exact.
+    step = 64 << 10
     with open(out, "wb") as o:
         o.truncate(size)
         pos = 0

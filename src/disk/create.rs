@@ -150,7 +150,7 @@ fn write_vhdx(io: &FileStorage, path: &Path, l: &VhdxLayout) -> Result<()> {
     w(&fx::encode_file_id("vhdmerge"), 0)?;
     let mut h = Header {
         sequence: 1,
-        file_write_guid: Uuid::new_v4(),
+        file_write_guid: crate::guid::fresh(),
         data_write_guid: l.data_write_guid,
         log_guid: Uuid::nil(),
         log_version: 0,
@@ -250,8 +250,8 @@ pub fn create_vhdx(path: &Path, o: &VhdxOptions) -> Result<()> {
             has_parent: false,
         },
         opts: o.clone(),
-        disk_id: Uuid::new_v4(),
-        data_write_guid: Uuid::new_v4(),
+        disk_id: crate::guid::fresh(),
+        data_write_guid: crate::guid::fresh(),
         locator: None,
     };
     write_new(path, |io| write_vhdx(io, path, &layout))
@@ -321,7 +321,7 @@ pub fn create_child(path: &Path, parent: &Path, block_size: Option<u64>) -> Resu
                 },
                 opts: o,
                 disk_id: p.disk_id,
-                data_write_guid: Uuid::new_v4(),
+                data_write_guid: crate::guid::fresh(),
                 locator: Some(loc),
             };
             write_new(path, |io| write_vhdx(io, path, &layout))
@@ -416,7 +416,7 @@ fn write_vhd(
         sectors_per_track: s,
         disk_type: kind,
         checksum: 0,
-        unique_id: Uuid::new_v4(),
+        unique_id: crate::guid::fresh(),
         saved_state: 0,
     };
     if kind == fv::TYPE_FIXED {

@@ -601,5 +601,5 @@ impl Layer for VhdDisk {
 
 /// A fresh unique id for new disks.
 pub fn new_unique_id() -> Uuid {
-    Uuid::new_v4()
+    crate::guid::fresh()
 }

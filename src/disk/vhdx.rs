@@ -437,12 +437,12 @@ impl VhdxDisk {
             self.file_len = aligned;
         }
         let mut h = self.header.clone();
-        h.file_write_guid = Uuid::new_v4();
+        h.file_write_guid = crate::guid::fresh();
         if data {
             h.data_write_guid = self
                 .next_data_write_guid
                 .take()
-                .unwrap_or_else(Uuid::new_v4);
+                .unwrap_or_else(crate::guid::fresh);
         }
         self.write_header_twice(h)?;
         self.session = Some(Session {
@@ -469,7 +469,7 @@ impl VhdxDisk {
         h.data_write_guid = self
             .next_data_write_guid
             .take()
-            .unwrap_or_else(Uuid::new_v4);
+            .unwrap_or_else(crate::guid::fresh);
         self.write_header_twice(h)?;
         if let Some(s) = self.session.as_mut() {
             s.data_guid_changed = true;
@@ -599,7 +599,7 @@ impl VhdxDisk {
             // The log becomes live only now, right before its first entry,
             // with a LogGuid no stale entry in the ring can carry.
             let mut h = self.header.clone();
-            h.log_guid = Uuid::new_v4();
+            h.log_guid = crate::guid::fresh();
             self.write_header_twice(h)?;
         }
         for group in pages.chunks(max_per_entry) {
@@ -634,6 +634,21 @@ impl VhdxDisk {
             }
             self.src.flush()?;
         }
+        Ok(())
+    }
+
+    /// Marks a whole block ZERO (a trim): it reads as zeros and, in a
+    /// differencing disk, hides the parent's data. Committed like any write.
+    pub fn set_zero(&mut self, block: u64) -> Result<()> {
+        if block >= self.geo.payload_blocks() {
+            return Err(Error::Invalid(format!(
+                "{}: block {block} is past the disk's end",
+                self.src.path.display()
+            )));
+        }
+        self.start_session(true)?;
+        self.change_data_guid()?;
+        self.set_bat(self.geo.pb_index(block), bat::entry(bat::PAYLOAD_ZERO, 0));
         Ok(())
     }
 
@@ -814,7 +829,7 @@ fn find_log(src: &Src, h: &Header, file_len: u64) -> Result<Vec<vlog::Entry>> {
 fn replay_on_disk(src: &Src, h: &Header, slot: usize, entries: &[vlog::Entry]) -> Result<()> {
     let mut h2 = h.clone();
     h2.sequence += 1;
-    h2.file_write_guid = Uuid::new_v4();
+    h2.file_write_guid = crate::guid::fresh();
     src.write(&h2.encode(), HEADER_OFFSETS[1 - slot], "a header")?;
     src.flush()?;
     vlog::replay(src.io.as_ref(), entries)

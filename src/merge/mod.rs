@@ -344,7 +344,7 @@ pub fn execute(
     let expected = crate::verify::content_digest(&chain, |_| {})?.root;
     let a_layer = chain.layers[ancestor].as_ref();
     let format = a_layer.format();
-    let new_guid = (format == Format::Vhdx).then(Uuid::new_v4);
+    let new_guid = (format == Format::Vhdx).then(crate::guid::fresh);
     let mut files = vec![file_entry(Role::Ancestor, a_layer)?];
     for (i, l) in chain.layers[..ancestor].iter().enumerate() {
         files.push(file_entry(Role::Merged { level: i as u32 }, l.as_ref())?);

@@ -154,6 +154,14 @@ pub fn oracle(python: &Path, reader: &str, files: &[&Path], dir: &Path) -> Strin
         .args(files)
         .output()
         .unwrap();
+    if !o.status.success() && std::env::var_os("VHDMERGE_KEEP_FAILED").is_some() {
+        let keep = Path::new("/tmp/dfail");
+        let _ = std::fs::create_dir_all(keep);
+        for e in std::fs::read_dir(files[0].parent().unwrap()).unwrap() {
+            let e = e.unwrap();
+            let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+        }
+    }
     assert!(
         o.status.success(),
         "{reader} failed on {files:?}: {}",

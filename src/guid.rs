@@ -1,0 +1,30 @@
+//! New GUIDs. Normally random (v4). With `VHDMERGE_GUID_SEED=<n>` they
+//! come from a seeded sequence instead, so that two runs of the same merge
+//! write byte-identical files: the crash tests compare a recovered merge
+//! with an uninterrupted one byte for byte.
+
+use std::sync::Mutex;
+
+use uuid::Uuid;
+
+static STATE: Mutex<Option<u64>> = Mutex::new(None);
+
+pub fn fresh() -> Uuid {
+    let Some(seed) = std::env::var("VHDMERGE_GUID_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    else {
+        return Uuid::new_v4();
+    };
+    let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    let x = st.get_or_insert(seed);
+    let mut next = || {
+        *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let bytes = (u128::from(next()) << 64 | u128::from(next())).to_le_bytes();
+    uuid::Builder::from_random_bytes(bytes).into_uuid()
+}
