@@ -100,14 +100,14 @@ fn build(
         }
         chain.close().unwrap();
         drop(chain);
-        if let (true, Some(b)) = (vhdx, lv.zero_block) {
-            if b * bs < size {
-                let mut d = VhdxDisk::open(&path, true).unwrap();
-                d.set_zero(b).unwrap();
-                vhdmerge::disk::Layer::close(&mut d).unwrap();
-                let end = ((b + 1) * bs).min(size);
-                model[(b * bs) as usize..end as usize].fill(0);
-            }
+        if let (true, Some(b)) = (vhdx, lv.zero_block)
+            && b * bs < size
+        {
+            let mut d = VhdxDisk::open(&path, true).unwrap();
+            d.set_zero(b).unwrap();
+            vhdmerge::disk::Layer::close(&mut d).unwrap();
+            let end = ((b + 1) * bs).min(size);
+            model[(b * bs) as usize..end as usize].fill(0);
         }
         views.push(model.clone());
         paths.push(path);
