@@ -23,8 +23,9 @@ macro_rules! out {
 
 mod demo;
 
-/// Exit codes: 0 success, 1 the operation failed (the message says why),
-/// 2 wrong usage.
+/// Exit codes: 0 success; 1 the operation failed or was refused (the
+/// message says why), or `check` could not finish; 2 `check` found
+/// corruption; 64 wrong usage.
 #[derive(Parser)]
 #[command(
     name = "vhdmerge",
@@ -91,6 +92,9 @@ enum Cmd {
         /// Plain BLAKE3 of the byte stream, equal to b3sum of a raw export.
         #[arg(long)]
         flat: bool,
+        /// Also write the chunk manifest (docs/digest.md) to this file.
+        #[arg(long, conflicts_with = "flat")]
+        manifest: Option<PathBuf>,
         #[arg(long)]
         json: bool,
         #[arg(long)]
@@ -131,6 +135,28 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Compare a disk with an expected content digest or a manifest; name the ranges that differ.
+    Verify {
+        disk: PathBuf,
+        /// The expected content digest (from `vhdmerge hash`).
+        #[arg(long, required_unless_present = "manifest")]
+        expect: Option<String>,
+        /// A manifest written by `vhdmerge hash --manifest`.
+        #[arg(long, conflicts_with = "expect")]
+        manifest: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        parent: Option<PathBuf>,
+    },
+    /// Check every structural rule of a file, read-only. Exit 0 clean, 2 corrupt, 1 could not check.
+    Check {
+        disk: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        parent: Option<PathBuf>,
+    },
     /// Build a small chain in a temporary folder and show what vhdmerge does.
     Demo,
 }
@@ -167,9 +193,16 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors; wrong usage is 64 (EX_USAGE).
+            return ExitCode::from(if e.use_stderr() { 64 } else { 0 });
+        }
+    };
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("vhdmerge: error: {e}");
             ExitCode::from(1)
@@ -226,7 +259,7 @@ fn warn_all(chain: &Chain) {
     }
 }
 
-fn run(cli: Cli) -> Result<(), Error> {
+fn run(cli: Cli) -> Result<u8, Error> {
     match cli.cmd {
         Cmd::Info {
             disk,
@@ -325,6 +358,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         Cmd::Hash {
             disk,
             flat,
+            manifest,
             json,
             parent,
         } => {
@@ -338,6 +372,11 @@ fn run(cli: Cli) -> Result<(), Error> {
                         .to_hex()
                         .to_string(),
                 )
+            } else if let Some(out) = &manifest {
+                let m = verify::manifest::build(&chain, &mut |p| pb.set_position(p))?;
+                let text = serde_json::to_string_pretty(&m).expect("serializable");
+                std::fs::write(out, text).map_err(|e| Error::io(out, "writing the manifest", e))?;
+                ("content", m.root)
             } else {
                 (
                     "content",
@@ -384,7 +423,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 } else {
                     print_plan(&prepared.plan);
                 }
-                return Ok(());
+                return Ok(0);
             }
             let pb = bar(cli.quiet || json, prepared.plan.bytes, "merge");
             let report = merge::execute(prepared, &opts, &mut |done, total| {
@@ -459,9 +498,84 @@ fn run(cli: Cli) -> Result<(), Error> {
                 );
             }
         }
+        Cmd::Verify {
+            disk,
+            expect,
+            manifest,
+            json,
+            parent,
+        } => {
+            let chain = open_any(&disk, parent)?;
+            warn_all(&chain);
+            let pb = bar(cli.quiet || json, chain.virtual_size(), "verify");
+            let actual = verify::manifest::build(&chain, &mut |p| pb.set_position(p))?;
+            pb.finish_and_clear();
+            let (expected_root, ranges) = match (&expect, &manifest) {
+                (_, Some(m)) => {
+                    let m = verify::manifest::load(m)?;
+                    let ranges = verify::manifest::diff(&m, &actual);
+                    (m.root, ranges)
+                }
+                (Some(e), None) => (e.trim().to_ascii_lowercase(), Vec::new()),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let same = expected_root == actual.root;
+            if json {
+                out!(
+                    "{}",
+                    serde_json::json!({ "disk": disk, "match": same, "expected": expected_root, "actual": actual.root, "differing_ranges": ranges })
+                );
+            } else if same {
+                out!("OK {} matches {expected_root}", disk.display());
+            } else {
+                out!(
+                    "MISMATCH {}: content digest {} (expected {expected_root})",
+                    disk.display(),
+                    actual.root
+                );
+                for r in &ranges {
+                    out!(
+                        "  bytes {}..{} ({:#x}..{:#x}) differ",
+                        r.start,
+                        r.end,
+                        r.start,
+                        r.end
+                    );
+                }
+            }
+            if !same {
+                return Err(Error::Invalid(format!(
+                    "{} does not match the expected content",
+                    disk.display()
+                )));
+            }
+        }
+        Cmd::Check { disk, json, parent } => {
+            let r = verify::check::check(&disk, parent);
+            if json {
+                out!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).expect("serializable")
+                );
+            } else {
+                out!("{}: {:?}", disk.display(), r.status);
+                out!("  checked: {}", r.checked.join(", "));
+                for f in &r.findings {
+                    match f.offset {
+                        Some(o) => out!("  {} at {o:#x}: {}", f.structure, f.problem),
+                        None => out!("  {}: {}", f.structure, f.problem),
+                    }
+                }
+            }
+            return Ok(match r.status {
+                verify::check::Status::Clean => 0,
+                verify::check::Status::Corrupt => 2,
+                verify::check::Status::Incomplete => 1,
+            });
+        }
         Cmd::Demo => demo::run()?,
     }
-    Ok(())
+    Ok(0)
 }
 
 fn print_info(level: usize, i: &vhdmerge::disk::LayerInfo) {

@@ -150,6 +150,7 @@ impl VhdDisk {
             .map(|c| u32::from_be_bytes(c.try_into().expect("4")))
             .collect();
         let block_bytes = h.bitmap_bytes() + bs;
+        let mut spans: Vec<(u64, usize)> = Vec::new();
         for (i, &e) in self.bat.iter().enumerate() {
             if e == fv::UNALLOCATED {
                 continue;
@@ -167,6 +168,34 @@ impl VhdDisk {
                     ),
                 ));
             }
+            spans.push((at, i));
+        }
+        spans.sort();
+        for w in spans.windows(2) {
+            let end = w[0].0 + h.bitmap_bytes() + bs.min(self.size - w[0].1 as u64 * bs);
+            if end > w[1].0 {
+                return Err(corrupt(
+                    &path,
+                    "BAT entry",
+                    h.table_offset + 4 * w[1].1 as u64,
+                    format!(
+                        "block {} at {:#x} overlaps block {} at {:#x}",
+                        w[1].1, w[1].0, w[0].1, w[0].0
+                    ),
+                ));
+            }
+        }
+        // No block may overlap the BAT.
+        if let Some(&(first, i)) = spans.first()
+            && first < h.table_offset + needed * 4
+            && first + block_bytes > h.table_offset
+        {
+            return Err(corrupt(
+                &path,
+                "BAT entry",
+                h.table_offset + 4 * i as u64,
+                format!("block {i} at {first:#x} overlaps the BAT"),
+            ));
         }
         self.header_offset = off;
         self.header = Some(h);

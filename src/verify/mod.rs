@@ -6,6 +6,9 @@
 //!   root over the virtual size and the chunk list. Chunks no level
 //!   allocates hash to a constant without any I/O.
 
+pub mod check;
+pub mod manifest;
+
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
