@@ -5,8 +5,8 @@ mod common;
 use std::path::Path;
 
 use common::*;
+use vhdmerge::disk::Extent;
 use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
-use vhdmerge::disk::{Extent, Layer};
 use vhdmerge::{Chain, ChainOptions};
 
 fn content(path: &Path) -> String {
