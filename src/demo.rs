@@ -136,7 +136,7 @@ pub fn run() -> Result<(), Error> {
     );
     let after = verify::flat_digest(&Chain::open(&grandchild, &ChainOptions::default())?, |_| {})?;
     out!("    chain BLAKE3 after the merge {after}");
-    if after != flat || !report.verified {
+    if after != flat {
         return Err(Error::Invalid(
             "demo: the merge changed what the guest sees".into(),
         ));

@@ -154,6 +154,7 @@ fn merge_every_ancestor(
         let ancestor = dir.path().join(paths[k].file_name().unwrap());
         let opts = MergeOptions {
             into: Some(ancestor.clone()),
+            verify_full: k % 2 == 0,
             ..small_batches()
         };
         let p = merge::prepare(&child, &opts).unwrap();
@@ -377,7 +378,13 @@ fn real_chains_merge_to_expected_digests() {
             .iter()
             .map(|r| materialize(&corpus, r, dir.path()))
             .collect();
-        let out = ok(&["merge", "--json", paths[0].to_str().unwrap()]);
+        let out = ok(&[
+            "merge",
+            "--json",
+            "--verify",
+            "full",
+            paths[0].to_str().unwrap(),
+        ]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["verified"], true, "{out}");
         assert!(!paths[0].exists());
