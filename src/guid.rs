@@ -1,7 +1,7 @@
-//! New GUIDs. Normally random (v4). With `VHDMERGE_GUID_SEED=<n>` they
-//! come from a seeded sequence instead, so that two runs of the same merge
-//! write byte-identical files: the crash tests compare a recovered merge
-//! with an uninterrupted one byte for byte.
+//! New GUIDs. Normally random (v4). With `VHDMERGE_GUID_SEED=<n>` (or
+//! [`set_seed`]) they come from a seeded sequence instead, so that two runs
+//! of the same merge write byte-identical files: the crash tests compare a
+//! recovered merge with an uninterrupted one byte for byte.
 
 use std::sync::Mutex;
 
@@ -9,15 +9,23 @@ use uuid::Uuid;
 
 static STATE: Mutex<Option<u64>> = Mutex::new(None);
 
+/// Makes this process's GUIDs repeatable from `seed`, or random again with `None`.
+pub fn set_seed(seed: Option<u64>) {
+    *STATE.lock().unwrap_or_else(|e| e.into_inner()) = seed;
+}
+
 pub fn fresh() -> Uuid {
-    let Some(seed) = std::env::var("VHDMERGE_GUID_SEED")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-    else {
-        return Uuid::new_v4();
-    };
     let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
-    let x = st.get_or_insert(seed);
+    if st.is_none() {
+        match std::env::var("VHDMERGE_GUID_SEED")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            Some(seed) => *st = Some(seed),
+            None => return Uuid::new_v4(),
+        }
+    }
+    let x = st.as_mut().expect("seeded above");
     let mut next = || {
         *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = *x;

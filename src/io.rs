@@ -56,9 +56,11 @@ impl Storage for Box<dyn Storage> {
     }
 }
 
-/// A real file.
+/// A real file. Every mutating operation passes through [`trace`], which
+/// tests use to record operations (to build crash states) or inject faults.
 pub struct FileStorage {
     file: File,
+    path: PathBuf,
 }
 
 impl FileStorage {
@@ -75,21 +77,33 @@ impl FileStorage {
             .write(writable)
             .open(path)
             .map_err(|e| Error::io(path, "opening", e))?;
-        Ok(FileStorage { file })
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
-    pub fn from_file(file: File) -> FileStorage {
-        FileStorage { file }
+    pub fn from_file(file: File, path: &Path) -> FileStorage {
+        FileStorage {
+            file,
+            path: path.to_path_buf(),
+        }
     }
 
-    pub fn create(path: &Path) -> Result<FileStorage> {
+    /// Creates a new file (never replacing one); recorded as a create.
+    pub fn create_new(path: &Path) -> io::Result<FileStorage> {
+        trace::op(trace::Op::Create {
+            path: path.to_path_buf(),
+        })?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(path)
-            .map_err(|e| Error::io(path, "creating", e))?;
-        Ok(FileStorage { file })
+            .open(path)?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     /// lseek(SEEK_DATA / SEEK_HOLE); `None` when only a hole follows (ENXIO).
@@ -107,12 +121,27 @@ impl Storage for FileStorage {
         self.file.read_exact_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        trace::op(trace::Op::Write {
+            path: self.path.clone(),
+            offset,
+            data: trace::capture(buf),
+        })?;
         self.file.write_all_at(buf, offset)
     }
     fn flush(&self) -> io::Result<()> {
+        trace::op(trace::Op::Flush {
+            path: self.path.clone(),
+        })?;
+        if trace::skip_sync() {
+            return Ok(());
+        }
         self.file.sync_data()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
+        trace::op(trace::Op::SetLen {
+            path: self.path.clone(),
+            len,
+        })?;
         self.file.set_len(len)
     }
     fn len(&self) -> io::Result<u64> {
@@ -359,5 +388,194 @@ impl Src {
         self.io
             .len()
             .map_err(|e| Error::io(&self.path, "reading the file size", e))
+    }
+}
+
+/// File-system operations other than positioned I/O, recorded like it.
+pub mod fsops {
+    use std::io;
+    use std::path::Path;
+
+    use super::trace::{self, Op};
+
+    pub fn remove_file(path: &Path) -> io::Result<()> {
+        trace::op(Op::Remove {
+            path: path.to_path_buf(),
+        })?;
+        std::fs::remove_file(path)
+    }
+
+    pub fn rename(from: &Path, to: &Path) -> io::Result<()> {
+        trace::op(Op::Rename {
+            from: from.to_path_buf(),
+            to: to.to_path_buf(),
+        })?;
+        std::fs::rename(from, to)
+    }
+
+    /// fsync the folder holding `path` (after creating, renaming or deleting in it).
+    pub fn sync_dir_of(path: &Path) -> io::Result<()> {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        trace::op(Op::SyncDir {
+            dir: dir.to_path_buf(),
+        })?;
+        if trace::skip_sync() {
+            return Ok(());
+        }
+        std::fs::File::open(dir).and_then(|d| d.sync_all())
+    }
+}
+
+/// Recording and fault injection for tests. Off unless a test starts it;
+/// then every mutating operation on a file below `root` is appended to the
+/// log (crash-state generation), and the operation with a chosen index can
+/// fail (fault injection).
+pub mod trace {
+    use std::io;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Op {
+        Write {
+            path: PathBuf,
+            offset: u64,
+            data: Vec<u8>,
+        },
+        Flush {
+            path: PathBuf,
+        },
+        SetLen {
+            path: PathBuf,
+            len: u64,
+        },
+        Create {
+            path: PathBuf,
+        },
+        Remove {
+            path: PathBuf,
+        },
+        Rename {
+            from: PathBuf,
+            to: PathBuf,
+        },
+        SyncDir {
+            dir: PathBuf,
+        },
+    }
+
+    impl Op {
+        pub fn path(&self) -> &Path {
+            match self {
+                Op::Write { path, .. }
+                | Op::Flush { path }
+                | Op::SetLen { path, .. }
+                | Op::Create { path }
+                | Op::Remove { path } => path,
+                Op::Rename { from, .. } => from,
+                Op::SyncDir { dir } => dir,
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Fault {
+        /// EIO at the chosen operation only.
+        EioOnce,
+        /// EIO at the chosen operation and every one after it.
+        EioPersistent,
+        /// ENOSPC at the chosen operation and every one after it.
+        NoSpace,
+    }
+
+    struct State {
+        root: PathBuf,
+        record: bool,
+        ops: Vec<Op>,
+        count: usize,
+        fault: Option<(usize, Fault)>,
+        skip_sync: bool,
+    }
+
+    static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+    fn lock() -> std::sync::MutexGuard<'static, Option<State>> {
+        STATE.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts tracing operations on files below `root`. `skip_sync` makes
+    /// flushes no-ops at the OS level (the tests simulate durability).
+    pub fn start(root: &Path, record: bool, fault: Option<(usize, Fault)>, skip_sync: bool) {
+        let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+        *lock() = Some(State {
+            root,
+            record,
+            ops: Vec::new(),
+            count: 0,
+            fault,
+            skip_sync,
+        });
+    }
+
+    /// Stops tracing; returns the recorded operations and how many were seen.
+    pub fn stop() -> (Vec<Op>, usize) {
+        match lock().take() {
+            Some(s) => (s.ops, s.count),
+            None => (Vec::new(), 0),
+        }
+    }
+
+    pub fn skip_sync() -> bool {
+        lock().as_ref().is_some_and(|s| s.skip_sync)
+    }
+
+    /// Copies written data only while recording.
+    pub fn capture(buf: &[u8]) -> Vec<u8> {
+        if lock().as_ref().is_some_and(|s| s.record) {
+            buf.to_vec()
+        } else {
+            Vec::new()
+        }
+    }
+
+    pub(crate) fn op(op: Op) -> io::Result<()> {
+        let mut guard = lock();
+        let Some(s) = guard.as_mut() else {
+            return Ok(());
+        };
+        let p = op.path();
+        let abs = std::fs::canonicalize(p)
+            .or_else(|_| {
+                p.parent()
+                    .map(|d| {
+                        std::fs::canonicalize(d).map(|d| d.join(p.file_name().unwrap_or_default()))
+                    })
+                    .unwrap_or(Ok(p.to_path_buf()))
+            })
+            .unwrap_or_else(|_| p.to_path_buf());
+        if !abs.starts_with(&s.root) {
+            return Ok(());
+        }
+        let index = s.count;
+        s.count += 1;
+        if let Some((at, fault)) = s.fault {
+            let hit = match fault {
+                Fault::EioOnce => index == at,
+                Fault::EioPersistent | Fault::NoSpace => index >= at,
+            };
+            if hit {
+                return Err(match fault {
+                    Fault::NoSpace => io::Error::from_raw_os_error(28),
+                    _ => io::Error::from_raw_os_error(5),
+                });
+            }
+        }
+        if s.record {
+            s.ops.push(op);
+        }
+        Ok(())
     }
 }

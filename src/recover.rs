@@ -64,10 +64,28 @@ pub fn recover(disk: &Path, rollback: bool) -> Result<RecoverReport> {
 }
 
 pub fn recover_journal(jpath: &Path, rollback: bool) -> Result<RecoverReport> {
-    let loaded = journal::load(jpath)?;
-    let Some(Record::Begin(begin)) = loaded.records.first().cloned() else {
+    let Some(loaded) = journal::load_if_begun(jpath)? else {
+        journal::remove(jpath)?;
+        return Ok(RecoverReport {
+            journal: jpath.to_path_buf(),
+            outcome: Outcome::RolledBack,
+            state: "begin not durable".into(),
+            torn_tail: true,
+            before_images: 0,
+            redone_runs: 0,
+        });
+    };
+    let Some(Record::Begin(mut begin)) = loaded.records.first().cloned() else {
         unreachable!("load checks Begin")
     };
+    // Paths are relative to the journal's folder unless absolute.
+    let jdir = jpath
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    for f in &mut begin.files {
+        f.path = jdir.join(&f.path).to_string_lossy().to_string();
+    }
     let state = state_of(&loaded.records);
     check_files(jpath, &begin, state)?;
     let present: Vec<&Path> = begin
@@ -135,8 +153,7 @@ fn check_files(jpath: &Path, begin: &Begin, state: &str) -> Result<()> {
                 ),
             });
         }
-        let layer = open_layer(p, false)?;
-        let id = layer.identity().describe();
+        let id = crate::disk::identity_of(p)?.describe();
         let new_id = begin
             .data_write_guid
             .as_ref()

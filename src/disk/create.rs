@@ -75,7 +75,7 @@ fn write_new(path: &Path, fill: impl FnOnce(&FileStorage) -> Result<()>) -> Resu
         .tempfile_in(dir)
         .map_err(|e| Error::io(path, "creating a temporary file", e))?;
     let (file, tmp_path) = tmp.into_parts();
-    let storage = FileStorage::from_file(file);
+    let storage = FileStorage::from_file(file, path);
     fill(&storage)?;
     storage
         .flush()

@@ -136,6 +136,45 @@ pub trait Layer: Send + Sync {
     fn warnings(&self) -> &[String];
 }
 
+/// The identity a file offers its children, read from its headers alone
+/// (VHDX current header, VHD footer) without validating the rest: recovery
+/// must recognise a file even while it is half rolled back.
+pub fn identity_of(path: &Path) -> Result<Identity> {
+    use crate::format::vhdx::header::{self, Header};
+    let src = crate::io::Src::new(path, Box::new(crate::io::FileStorage::open(path, false)?));
+    let sig = src.read_vec(8, 0, "the signature")?;
+    if sig.as_slice() == crate::format::vhdx::FILE_SIGNATURE {
+        let mut slots = [
+            Err(header::HeaderFault::Signature),
+            Err(header::HeaderFault::Signature),
+        ];
+        for (i, off) in crate::format::vhdx::HEADER_OFFSETS.iter().enumerate() {
+            slots[i] = Header::decode(&src.read_vec(header::SIZE, *off, "a header")?);
+        }
+        let cur = header::current(&slots).ok_or_else(|| {
+            crate::error::Error::corrupt(path, "headers", 0x10000, "no valid current header")
+        })?;
+        let h = slots[cur].clone().expect("current is valid");
+        return Ok(Identity::VhdxLinkage {
+            linkage: h.data_write_guid,
+            linkage2: None,
+        });
+    }
+    let len = src.len()?;
+    for off in [len.saturating_sub(512), 0] {
+        let b = src.read_vec(512, off, "the footer")?;
+        if let Ok(f) = crate::format::vhd::Footer::decode(&b) {
+            return Ok(Identity::VhdUniqueId(f.unique_id));
+        }
+    }
+    Err(crate::error::Error::corrupt(
+        path,
+        "footer",
+        len.saturating_sub(512),
+        "no VHD footer",
+    ))
+}
+
 /// Opens one file by its content through a given storage.
 pub fn open_layer_with(
     path: &Path,

@@ -5,11 +5,10 @@
 pub mod record;
 pub mod storage;
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::io::{FileStorage, Storage, fsops};
 pub use record::{Begin, FileEntry, Record, Role};
 
 /// "VMJR" little-endian: the first four bytes of every record.
@@ -109,6 +108,17 @@ pub struct Loaded {
     pub torn_tail: bool,
 }
 
+/// Like [`load`], but `None` for a journal that holds no valid frame at all:
+/// its Begin record never became durable, so the merge never wrote to any
+/// file (every write waits for Begin) and the journal can simply go.
+pub fn load_if_begun(path: &Path) -> Result<Option<Loaded>> {
+    let buf = std::fs::read(path).map_err(|e| Error::io(path, "reading the journal", e))?;
+    if decode_at(&buf, 0, 0).is_err() && find_valid_frame(&buf, 0).is_none() {
+        return Ok(None);
+    }
+    load(path).map(Some)
+}
+
 pub fn load(path: &Path) -> Result<Loaded> {
     let buf = std::fs::read(path).map_err(|e| Error::io(path, "reading the journal", e))?;
     let mut records = Vec::new();
@@ -183,7 +193,7 @@ fn find_valid_frame(buf: &[u8], from: usize) -> Option<usize> {
 /// Appends records; `sync` makes everything appended so far durable.
 pub struct Writer {
     path: PathBuf,
-    file: File,
+    file: FileStorage,
     len: u64,
     seq: u64,
     pending: Vec<u8>,
@@ -193,9 +203,12 @@ impl Writer {
     /// Creates the journal with its Begin record, durable (file and folder)
     /// before this returns. Refuses to replace an existing journal.
     pub fn create(path: &Path, begin: Begin) -> Result<Writer> {
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(|e| {
+        let file = FileStorage::create_new(path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
-                Error::WriteRefused { path: path.to_path_buf(), reason: "a journal already exists: an earlier merge did not finish. Run `vhdmerge recover` first".into() }
+                Error::WriteRefused {
+                    path: path.to_path_buf(),
+                    reason: "a journal already exists: an earlier merge did not finish. Run `vhdmerge recover` first".into(),
+                }
             } else {
                 Error::io(path, "creating the journal", e)
             }
@@ -215,13 +228,15 @@ impl Writer {
 
     /// Continues a journal after its last valid record (cutting a torn tail).
     pub fn reopen(path: &Path, loaded: &Loaded) -> Result<Writer> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(path, "opening the journal", e))?;
-        file.set_len(loaded.valid_len)
-            .map_err(|e| Error::io(path, "cutting the torn tail", e))?;
+        let file = FileStorage::open(path, true)?;
+        if file
+            .len()
+            .map_err(|e| Error::io(path, "reading the journal size", e))?
+            != loaded.valid_len
+        {
+            file.set_len(loaded.valid_len)
+                .map_err(|e| Error::io(path, "cutting the torn tail", e))?;
+        }
         Ok(Writer {
             path: path.to_path_buf(),
             file,
@@ -247,13 +262,13 @@ impl Writer {
     pub fn sync(&mut self) -> Result<()> {
         if !self.pending.is_empty() {
             self.file
-                .write_all_at(&self.pending, self.len)
+                .write_at(&self.pending, self.len)
                 .map_err(|e| Error::io(&self.path, "writing the journal", e))?;
             self.len += self.pending.len() as u64;
             self.pending.clear();
         }
         self.file
-            .sync_data()
+            .flush()
             .map_err(|e| Error::io(&self.path, "flushing the journal", e))
     }
 
@@ -264,18 +279,12 @@ impl Writer {
 
 /// fsync the folder holding `path`, after creating, renaming or deleting in it.
 pub fn sync_dir(path: &Path) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, "syncing the folder", e))
+    fsops::sync_dir_of(path).map_err(|e| Error::io(path, "syncing the folder", e))
 }
 
 /// Deletes the journal durably.
 pub fn remove(path: &Path) -> Result<()> {
-    std::fs::remove_file(path).map_err(|e| Error::io(path, "deleting the journal", e))?;
+    fsops::remove_file(path).map_err(|e| Error::io(path, "deleting the journal", e))?;
     sync_dir(path)
 }
 
@@ -311,7 +320,7 @@ mod tests {
         assert!(!l.torn_tail);
         // Cut inside the last record: a torn tail, the rest survives.
         let len = std::fs::metadata(&p).unwrap().len();
-        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
         f.set_len(len - 3).unwrap();
         let l = load(&p).unwrap();
         assert_eq!(l.records.len(), 2);

@@ -286,13 +286,23 @@ fn fingerprint(path: &Path) -> Result<String> {
     Ok(blake3::hash(&b[..n]).to_hex().to_string())
 }
 
-fn file_entry(role: Role, l: &dyn Layer) -> Result<FileEntry> {
+/// Files beside the journal are named by file name alone, so a folder that
+/// is moved or mounted elsewhere after a crash can still be recovered.
+fn journal_path_of(file: &Path, journal_dir: &Path) -> String {
+    let c = canonical(file);
+    match (c.parent(), c.file_name()) {
+        (Some(dir), Some(n)) if dir == journal_dir => n.to_string_lossy().to_string(),
+        _ => c.to_string_lossy().to_string(),
+    }
+}
+
+fn file_entry(role: Role, l: &dyn Layer, journal_dir: &Path) -> Result<FileEntry> {
     let length = std::fs::metadata(l.path())
         .map_err(|e| Error::io(l.path(), "reading size", e))?
         .len();
     Ok(FileEntry {
         role,
-        path: canonical(l.path()).to_string_lossy().to_string(),
+        path: journal_path_of(l.path(), journal_dir),
         length,
         identity: l.identity().describe(),
         fingerprint: fingerprint(l.path())?,
@@ -357,13 +367,21 @@ pub fn execute(
     let a_layer = chain.layers[ancestor].as_ref();
     let format = a_layer.format();
     let new_guid = (format == Format::Vhdx).then(crate::guid::fresh);
-    let mut files = vec![file_entry(Role::Ancestor, a_layer)?];
+    let jdir = canonical(a_layer.path())
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut files = vec![file_entry(Role::Ancestor, a_layer, &jdir)?];
     for (i, l) in chain.layers[..ancestor].iter().enumerate() {
-        files.push(file_entry(Role::Merged { level: i as u32 }, l.as_ref())?);
+        files.push(file_entry(
+            Role::Merged { level: i as u32 },
+            l.as_ref(),
+            &jdir,
+        )?);
     }
     for d in &relink {
         let l = crate::disk::open_layer(&d.path, false)?;
-        files.push(file_entry(Role::Relinked, l.as_ref())?);
+        files.push(file_entry(Role::Relinked, l.as_ref(), &jdir)?);
     }
     let begin = Begin {
         tool_version: env!("CARGO_PKG_VERSION").into(),
@@ -528,9 +546,11 @@ pub fn remove_merged(merged: &[PathBuf], keep: bool) -> Result<()> {
             let mut name = m.file_name().unwrap_or_default().to_os_string();
             name.push(".merged");
             let to = m.with_file_name(name);
-            std::fs::rename(m, &to).map_err(|e| Error::io(m, "renaming the merged file", e))?;
+            crate::io::fsops::rename(m, &to)
+                .map_err(|e| Error::io(m, "renaming the merged file", e))?;
         } else {
-            std::fs::remove_file(m).map_err(|e| Error::io(m, "deleting the merged file", e))?;
+            crate::io::fsops::remove_file(m)
+                .map_err(|e| Error::io(m, "deleting the merged file", e))?;
         }
         journal::sync_dir(m)?;
     }

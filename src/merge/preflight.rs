@@ -59,7 +59,7 @@ pub fn pending_journal(path: &Path) -> Result<Option<PathBuf>> {
         match journal::load(&p) {
             Ok(l) => {
                 if let Some(journal::Record::Begin(b)) = l.records.first()
-                    && b.files.iter().any(|f| canonical(Path::new(&f.path)) == me)
+                    && b.files.iter().any(|f| canonical(&dir.join(&f.path)) == me)
                 {
                     return Ok(Some(p));
                 }
