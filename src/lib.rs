@@ -5,6 +5,7 @@
 
 pub mod disk;
 pub mod error;
+pub mod failpoint;
 pub mod format;
 pub mod guid;
 pub mod io;

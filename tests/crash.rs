@@ -221,15 +221,10 @@ fn variants(sim: &Sim, ops: &[Op], rng: &mut Rng, cap: usize) -> Vec<Files> {
             out.push(sim.crash_state(
                 ops,
                 &p[..=k],
-                Some(sectors.min(data.len() / 512 - 1).max(0)),
+                Some(sectors.min(data.len() / 512 - 1)),
                 false,
             ));
-            out.push(sim.crash_state(
-                ops,
-                &p[..=k],
-                Some(sectors.min(data.len() / 512 - 1).max(0)),
-                true,
-            ));
+            out.push(sim.crash_state(ops, &p[..=k], Some(sectors.min(data.len() / 512 - 1)), true));
         }
     }
     // (b) random subsets, in order and reversed; (d) growth holding garbage.
@@ -344,7 +339,7 @@ fn make_dirty(path: &Path) {
         7,
         0,
         f.len() as u64,
-        &[(bat as u64, &f[bat..bat + 4096].to_vec())],
+        &[(bat as u64, &f[bat..bat + 4096])],
     );
     let lo = h.log_offset as usize;
     f[lo..lo + entry.len()].copy_from_slice(&entry);

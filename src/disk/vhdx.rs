@@ -629,6 +629,8 @@ impl VhdxDisk {
             session.log_sequence += 1;
             self.src.write(&entry, at, "a log entry")?;
             self.src.flush()?;
+            // The entry is durable, the pages it describes are not yet applied.
+            crate::failpoint::failpoint("vhdx-log-written");
             for (o, p) in group {
                 self.src.write(p, *o, "a metadata page")?;
             }

@@ -333,14 +333,7 @@ pub fn open_journaled(
     })
 }
 
-/// Fails the merge at a chosen step, for tests of interrupted merges:
-/// `VHDMERGE_FAIL_AT=<step>` aborts the process when that step is reached.
-pub fn failpoint(step: &str) {
-    if std::env::var("VHDMERGE_FAIL_AT").is_ok_and(|s| s == step) {
-        eprintln!("vhdmerge: failpoint {step}: aborting");
-        std::process::abort();
-    }
-}
+pub use crate::failpoint::failpoint;
 
 /// Runs a prepared merge to the end.
 pub fn execute(
