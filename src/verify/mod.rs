@@ -142,35 +142,62 @@ pub fn content_digest_with(
     root.update(CONTENT_TAG);
     root.update(&size.to_le_bytes());
     root.update(&CHUNK.to_le_bytes());
-    let mut buf = vec![0u8; CHUNK as usize];
+    // Read a batch of chunks sequentially, then hash the allocated ones on
+    // every core: reading stays sequential, hashing keeps up with it.
+    const BATCH: usize = 32;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; CHUNK as usize]).collect();
     let (mut chunks, mut read_chunks) = (0u64, 0u64);
     let mut pos = 0u64;
     while pos < size {
-        let len = (size - pos).min(CHUNK);
-        let mut all_zero = true;
-        let mut off = 0u64;
-        while off < len {
-            let (l, ext, n) = chain.resolve(0, pos + off, len - off)?;
-            let dst = &mut buf[off as usize..(off + n) as usize];
-            match ext {
-                Extent::Data(fo) => {
-                    chain.layers[l].read_data(fo, dst)?;
-                    all_zero = false;
+        // (length, known zero) per chunk of this batch.
+        let mut batch: Vec<(usize, bool)> = Vec::with_capacity(BATCH);
+        let batch_start = pos;
+        while batch.len() < BATCH && pos < size {
+            let len = (size - pos).min(CHUNK);
+            let buf = &mut bufs[batch.len()];
+            let mut all_zero = true;
+            let mut off = 0u64;
+            while off < len {
+                let (l, ext, n) = chain.resolve(0, pos + off, len - off)?;
+                let dst = &mut buf[off as usize..(off + n) as usize];
+                match ext {
+                    Extent::Data(fo) => {
+                        chain.layers[l].read_data(fo, dst)?;
+                        all_zero = false;
+                    }
+                    _ => dst.fill(0),
                 }
-                _ => dst.fill(0),
+                off += n;
             }
-            off += n;
-        }
-        let h = if all_zero && len == CHUNK {
-            zero_chunk
-        } else {
+            batch.push((len as usize, all_zero && len == CHUNK));
             read_chunks += u64::from(!all_zero);
-            blake3::hash(&buf[..len as usize])
-        };
-        on_chunk(pos / CHUNK, &h);
-        root.update(h.as_bytes());
-        chunks += 1;
-        pos += len;
+            pos += len;
+        }
+        let mut hashes = vec![zero_chunk; batch.len()];
+        let per = batch.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            for ((hs, bs), bt) in hashes
+                .chunks_mut(per)
+                .zip(bufs.chunks(per))
+                .zip(batch.chunks(per))
+            {
+                s.spawn(move || {
+                    for ((h, b), &(len, zero)) in hs.iter_mut().zip(bs).zip(bt) {
+                        if !zero {
+                            *h = blake3::hash(&b[..len]);
+                        }
+                    }
+                });
+            }
+        });
+        for (i, h) in hashes.iter().enumerate() {
+            on_chunk(batch_start / CHUNK + i as u64, h);
+            root.update(h.as_bytes());
+        }
+        chunks += batch.len() as u64;
         progress(pos);
     }
     Ok(ContentDigest {
