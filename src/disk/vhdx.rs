@@ -349,7 +349,7 @@ impl VhdxDisk {
             } else {
                 len.min(self.virtual_size - block * self.geo.block_size)
             };
-            if off + used > self.file_len {
+            if off.checked_add(used).is_none_or(|end| end > self.file_len) {
                 return Err(corrupt(
                     path,
                     "BAT entry",
@@ -364,7 +364,7 @@ impl VhdxDisk {
         }
         spans.sort();
         for w in spans.windows(2) {
-            if w[0].0 + w[0].1 > w[1].0 {
+            if w[0].0.saturating_add(w[0].1) > w[1].0 {
                 return Err(corrupt(
                     path,
                     "file layout",
@@ -785,7 +785,9 @@ fn check_header(path: &Path, h: &Header, file_len: u64) -> Result<()> {
         }
         if h.log_offset < MIB
             || h.log_length == 0
-            || h.log_offset + u64::from(h.log_length) > file_len
+            || h.log_offset
+                .checked_add(u64::from(h.log_length))
+                .is_none_or(|e| e > file_len)
         {
             return Err(corrupt(
                 path,
@@ -816,7 +818,7 @@ fn find_log(src: &Src, h: &Header, file_len: u64) -> Result<Vec<vlog::Entry>> {
         return Err(corrupt(
             &src.path,
             "log",
-            h.log_offset + head.position,
+            h.log_offset.saturating_add(head.position),
             format!(
                 "file is {file_len} bytes but the log says {} bytes were flushed; the file was truncated",
                 head.flushed_file_offset
@@ -887,7 +889,10 @@ fn check_region(path: &Path, r: &RegionEntry, file_len: u64) -> Result<()> {
             ),
         ));
     }
-    if r.file_offset + u64::from(r.length) > file_len {
+    if r.file_offset
+        .checked_add(u64::from(r.length))
+        .is_none_or(|e| e > file_len)
+    {
         return Err(corrupt(
             path,
             "region table",
@@ -936,7 +941,10 @@ fn read_metadata(src: &Src, region: &RegionEntry) -> Result<Meta> {
         }
     }
     spans.sort();
-    if spans.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+    if spans
+        .windows(2)
+        .any(|w| u64::from(w[0].0) + u64::from(w[0].1) > u64::from(w[1].0))
+    {
         return Err(corrupt(path, "metadata table", base, "items overlap"));
     }
     let item = |g: Uuid, min: usize| -> Result<Option<Vec<u8>>> {
