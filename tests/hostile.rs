@@ -12,6 +12,9 @@ use common::*;
 use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
 use vhdmerge::{Chain, ChainOptions};
 
+/// A labelled change to a file.
+type Case = (String, Box<dyn Fn(&Path)>);
+
 /// A field to corrupt: (structure, file offset, width in bytes).
 type Field = (&'static str, u64, usize);
 
@@ -350,7 +353,7 @@ fn mutation_sweep() {
             } else {
                 vhd_fields(len, target_is_child)
             };
-            let mut cases: Vec<(String, Box<dyn Fn(&Path)>)> = Vec::new();
+            let mut cases: Vec<Case> = Vec::new();
             for (name, off, w) in fields {
                 for m in mutations(w) {
                     let label = format!(
