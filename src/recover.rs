@@ -188,6 +188,19 @@ fn check_files(jpath: &Path, begin: &Begin, state: &str) -> Result<()> {
     Ok(())
 }
 
+/// The VHDX header section (file identifier, both headers, both region tables).
+const HEADER_SECTION: u64 = 1 << 20;
+
+/// Whether the 4 KiB at `offset` currently hold a valid VHDX header (false
+/// for pages that are not header slots, which are restored after).
+fn header_is_valid(io: &FileStorage, offset: u64) -> bool {
+    if !crate::format::vhdx::HEADER_OFFSETS.contains(&offset) {
+        return true;
+    }
+    let mut b = vec![0u8; 4096];
+    io.read_at(&mut b, offset).is_ok() && crate::format::vhdx::header::Header::decode(&b).is_ok()
+}
+
 /// Restores every before-image and the starting lengths, flushes, and
 /// deletes the journal. Applying the same originals again is harmless, so
 /// a crash here is recovered by running it again.
@@ -206,9 +219,25 @@ fn undo(
     for (i, f) in begin.files.iter().enumerate() {
         let p = Path::new(&f.path);
         let io = FileStorage::open(p, true)?;
-        for (off, data) in images.get(&(i as u32)).map(Vec::as_slice).unwrap_or(&[]) {
-            io.write_at(data, *off)
-                .map_err(|e| Error::io(p, "restoring a before-image", e))?;
+        let restore = |off: u64, data: &[u8]| {
+            io.write_at(data, off)
+                .map_err(|e| Error::io(p, "restoring a before-image", e))
+        };
+        let list = images.get(&(i as u32)).map(Vec::as_slice).unwrap_or(&[]);
+        // The header section first, one page at a time with a flush after
+        // each: a crash here then tears at most one of the two VHDX headers,
+        // so the next recovery can still tell which file this is.
+        // Restore a header that is currently torn before the one that is
+        // still valid, so that one valid header survives any single crash.
+        let mut head: Vec<&(u64, &[u8])> =
+            list.iter().filter(|(o, _)| *o < HEADER_SECTION).collect();
+        head.sort_by_key(|(o, _)| (header_is_valid(&io, *o), *o));
+        for (off, data) in head {
+            restore(*off, data)?;
+            io.flush().map_err(|e| Error::io(p, "flushing", e))?;
+        }
+        for (off, data) in list.iter().filter(|(o, _)| *o >= HEADER_SECTION) {
+            restore(*off, data)?;
         }
         merge::failpoint("mid-rollback");
         let len = io.len().map_err(|e| Error::io(p, "reading size", e))?;
