@@ -23,9 +23,13 @@ struct State {
     saved: Vec<u64>,
     /// Overwrites waiting for the journal, by offset.
     held: BTreeMap<u64, Vec<u8>>,
+    held_bytes: u64,
     /// Set after any failure: no further I/O (an fsync error is never retried).
     poisoned: bool,
 }
+
+/// Held overwrites beyond this many bytes force a barrier.
+const MAX_HELD: u64 = 32 << 20;
 
 pub struct Journaled<S: Storage> {
     inner: S,
@@ -51,6 +55,7 @@ impl<S: Storage> Journaled<S> {
             state: Mutex::new(State {
                 saved: vec![0; pages.div_ceil(64) as usize],
                 held: BTreeMap::new(),
+                held_bytes: 0,
                 poisoned: false,
             }),
         })
@@ -91,6 +96,7 @@ impl<S: Storage> Journaled<S> {
         for (off, data) in std::mem::take(&mut st.held) {
             self.inner.write_at(&data, off)?;
         }
+        st.held_bytes = 0;
         self.inner.flush()
     }
 
@@ -141,7 +147,13 @@ impl<S: Storage> Storage for Journaled<S> {
                 {
                     self.barrier(st)?;
                 }
+                st.held_bytes += head.len() as u64;
                 st.held.insert(offset, head);
+                // Bound the memory of held writes: an extra barrier is always
+                // safe (it only makes more durable, in the same order).
+                if st.held_bytes >= MAX_HELD {
+                    self.barrier(st)?;
+                }
             }
             if end > split {
                 self.inner

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Side-by-side merge benchmark: vhdmerge merge vs qemu-img commit vs a plain
+# copy with one fsync, on the same written ranges, several rounds, medians
+# and ratios from one run. Usage:
+#   bench/run.sh [a b c d e]      (default: all workloads)
+# Environment: BENCH_DIR (scratch folder, default /tmp/vhdmerge-bench),
+# ROUNDS (default 3). Prints a Markdown report on stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -q --bin vhdmerge --example bench_fill
+V=$PWD/target/release/vhdmerge
+F=$PWD/target/release/examples/bench_fill
+W=${BENCH_DIR:-/tmp/vhdmerge-bench}
+ROUNDS=${ROUNDS:-3}
+WORKLOADS=${*:-a b c d e}
+rm -rf "$W"; mkdir -p "$W"
+GiB=$((1 << 30)); MiB=$((1 << 20))
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+# timed NAME CMD...: runs CMD under /usr/bin/time, appends "secs rss_kib" to $W/NAME.times
+timed() {
+    local name=$1; shift
+    drop_caches
+    /usr/bin/time -f "%e %M" -o "$W/t.out" "$@" > "$W/$name.last" 2>/dev/null
+    cat "$W/t.out" >> "$W/$name.times"
+}
+
+# prepare WL: builds pristine inputs in $W/$WL/src (vhdmerge chain, qemu overlay, payload)
+prepare() {
+    local wl=$1 d=$W/$1/src
+    mkdir -p "$d"
+    case $wl in
+    a|b|e)
+        local size bytes mode bs
+        case $wl in
+            a) size=$((4 * GiB)); bytes=$((2 * GiB)); mode=whole; bs=32M ;;
+            b) size=$((8 * GiB)); bytes=$((512 * MiB)); mode=scattered; bs=32M ;;
+            e) size=$((64 << 40)); bytes=$((64 * MiB)); mode=scattered; bs=32M ;;
+        esac
+        $V --quiet create "$d/base.vhdx" --size "$size" --block-size "$bs" > /dev/null
+        $V --quiet create "$d/child.avhdx" --parent "$d/base.vhdx" > /dev/null
+        $F "$d/child.avhdx" "$mode" "$bytes" 1 "$d/cmds"
+        echo "$bytes" > "$d/bytes"
+        ;;
+    c)
+        $V --quiet create "$d/l0.vhdx" --size $((4 * GiB)) --block-size 32M > /dev/null
+        local prev=l0.vhdx
+        for i in 1 2 3 4; do
+            $V --quiet create "$d/l$i.avhdx" --parent "$d/$prev" > /dev/null
+            $F "$d/l$i.avhdx" whole $((512 * MiB)) "$i" "$d/cmds$i"
+            prev=l$i.avhdx
+        done
+        echo $((2 * GiB)) > "$d/bytes"
+        ;;
+    d)
+        $V --quiet create "$d/base.vhd" --size $((4 * GiB)) > /dev/null
+        $V --quiet create "$d/child.avhd" --parent "$d/base.vhd" > /dev/null
+        $F "$d/child.avhd" whole $((1 * GiB)) 1 "$d/cmds"
+        echo $((1 * GiB)) > "$d/bytes"
+        ;;
+    esac
+    # The same data as a qcow2 overlay (chain) over an identical base, for qemu-img commit.
+    case $wl in
+    a|b)
+        $V --quiet create "$d/qbase.vhdx" --size "$size" --block-size 32M > /dev/null
+        qemu-img create -q -f qcow2 -b qbase.vhdx -F vhdx "$d/over.qcow2"
+        qemu-io -f qcow2 "$d/over.qcow2" < "$d/cmds" > /dev/null
+        ;;
+    c)
+        $V --quiet create "$d/qbase.vhdx" --size $((4 * GiB)) --block-size 32M > /dev/null
+        local prev=qbase.vhdx pf=vhdx
+        for i in 1 2 3 4; do
+            qemu-img create -q -f qcow2 -b "$prev" -F "$pf" "$d/q$i.qcow2"
+            qemu-io -f qcow2 "$d/q$i.qcow2" < "$d/cmds$i" > /dev/null
+            prev=q$i.qcow2; pf=qcow2
+        done
+        ;;
+    esac
+    head -c "$(cat "$d/bytes")" /dev/urandom > "$d/payload.raw" 2>/dev/null || true
+}
+
+run() {
+    local wl=$1 d=$W/$1/src r=$W/$1/run
+    for round in $(seq "$ROUNDS"); do
+        rm -rf "$r"; mkdir -p "$r"; cp --sparse=always "$d"/* "$r"/
+        case $wl in
+            a|b|e) timed "$wl-vhdmerge" "$V" --quiet merge --json "$r/child.avhdx" ;;
+            c) timed "$wl-vhdmerge" "$V" --quiet merge --json --into "$r/l0.vhdx" "$r/l4.avhdx" ;;
+            d) timed "$wl-vhdmerge" "$V" --quiet merge --json "$r/child.avhd" ;;
+        esac
+        cp "$W/$wl-vhdmerge.last" "$W/$wl-report.json"
+        case $wl in
+            a|b) timed "$wl-qemu" qemu-img commit -q -f qcow2 "$r/over.qcow2" ;;
+            c) timed "$wl-qemu" qemu-img commit -q -f qcow2 -b "$r/q1.qcow2" "$r/q4.qcow2" \
+                 && timed "$wl-qemu1" qemu-img commit -q -f qcow2 "$r/q1.qcow2" ;;
+        esac
+        timed "$wl-copy" dd if="$r/payload.raw" of="$r/copy.raw" bs=4M conv=fsync status=none
+    done
+}
+
+report() {
+    local wl=$1 bytes
+    bytes=$(cat "$W/$wl/src/bytes")
+    local vt vr qt ct
+    vt=$(awk '{print $1}' "$W/$wl-vhdmerge.times" | median)
+    vr=$(awk '{print $2}' "$W/$wl-vhdmerge.times" | median)
+    ct=$(awk '{print $1}' "$W/$wl-copy.times" | median)
+    qt=-
+    if [ -f "$W/$wl-qemu.times" ]; then
+        qt=$(awk '{print $1}' "$W/$wl-qemu.times" | median)
+        if [ -f "$W/$wl-qemu1.times" ]; then
+            qt=$(paste "$W/$wl-qemu.times" "$W/$wl-qemu1.times" | awk '{print $1 + $3}' | median)
+        fi
+    fi
+    python3 - "$wl" "$bytes" "$vt" "$vr" "$qt" "$ct" "$W/$wl-report.json" <<'PY'
+import json, sys
+wl, size, vt, vr, qt, ct, rep = sys.argv[1:]
+size, vt, vr, ct = int(size), float(vt), int(vr), float(ct)
+r = json.load(open(rep))
+d = r["decile_seconds"]
+spans = [b - a for a, b in zip([0.0] + d[:-1], d)] if d else []
+first = (size / 10) / spans[0] / 1e6 if spans and spans[0] > 0 else float("nan")
+last = (size / 10) / spans[-1] / 1e6 if spans and spans[-1] > 0 else float("nan")
+q = "-" if qt == "-" else f"{float(qt):.2f} s"
+ratio_q = "-" if qt == "-" else f"{vt / float(qt):.2f}"
+print(f"| {wl} | {size / 2**20:.0f} MiB | {vt:.2f} s | {size / vt / 1e6:.0f} MB/s | {q} | {ratio_q} | {ct:.2f} s | {vt / ct:.2f} | {vr / 1024:.1f} MiB | {r['journal_bytes'] / 2**20:.1f} MiB | {first:.0f} / {last:.0f} MB/s |")
+PY
+}
+
+for wl in $WORKLOADS; do prepare "$wl"; run "$wl"; done
+echo "| workload | merged data | vhdmerge (median) | rate | qemu-img commit | ratio vs qemu | plain copy + fsync | ratio vs copy | vhdmerge peak RSS | journal | first / last decile |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
+for wl in $WORKLOADS; do report "$wl"; done

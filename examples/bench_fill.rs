@@ -1,0 +1,53 @@
+//! Fills the top of a chain for the benchmarks (bench/run.sh), and writes
+//! the same ranges as qemu-io commands so a qcow2 overlay can hold the
+//! same data.
+//!
+//! usage: bench_fill DISK whole|scattered BYTES SEED QEMU_IO_COMMANDS_OUT
+//!   whole:     4 MiB writes, aligned, spread evenly over the disk
+//!   scattered: 4 KiB writes at random 4 KiB-aligned offsets
+
+use std::io::Write;
+
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    let path = std::path::Path::new(&a[1]);
+    let whole = a[2] == "whole";
+    let bytes: u64 = a[3].parse().unwrap();
+    let mut seed: u64 = a[4].parse().unwrap();
+    let mut cmds = std::io::BufWriter::new(std::fs::File::create(&a[5]).unwrap());
+    let mut chain = vhdmerge::Chain::open(
+        path,
+        &vhdmerge::ChainOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let size = chain.virtual_size();
+    let mut next = || {
+        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let unit: u64 = if whole { 4 << 20 } else { 4096 };
+    let count = bytes / unit;
+    let mut since = 0u64;
+    for i in 0..count {
+        let off = if whole {
+            (i * (size / unit) / count) * unit
+        } else {
+            next() % (size / unit) * unit
+        };
+        let fill = (next() % 250 + 1) as u8;
+        chain.write(off, &vec![fill; unit as usize]).unwrap();
+        writeln!(cmds, "write -P {fill} {off} {unit}").unwrap();
+        since += unit;
+        if since >= 64 << 20 {
+            chain.commit().unwrap();
+            since = 0;
+        }
+    }
+    chain.close().unwrap();
+}
