@@ -12,7 +12,7 @@ fi
 
 if ! .venv/bin/python -c 'import pyvhdi, dissect.hypervisor' 2>/dev/null; then
     echo "== installing the Python oracles into .venv"
-    python3 -m venv .venv
+    python3 -m venv --clear .venv
     .venv/bin/pip install -q -r tests/requirements.txt
 fi
 export VHDMERGE_PYTHON="$PWD/.venv/bin/python"
