@@ -498,7 +498,19 @@ pub fn execute(
     // has the child's content digest). A failure leaves the journal for
     // `recover`, which redoes the runs from the still-present sources.
     let after = Chain::open(&a_path, &ChainOptions::default())?;
-    for chunk in copied.chunks(1024) {
+    // Verify in groups of at most GROUP_BYTES so memory stays bounded.
+    let mut groups: Vec<&[(u64, u64, [u8; 32])]> = Vec::new();
+    let (mut from, mut bytes) = (0usize, 0u64);
+    for (i, &(_, len, _)) in copied.iter().enumerate() {
+        if bytes > 0 && bytes + len > GROUP_BYTES {
+            groups.push(&copied[from..i]);
+            from = i;
+            bytes = 0;
+        }
+        bytes += len;
+    }
+    groups.push(&copied[from..]);
+    for chunk in groups {
         // Where each run lives in the ancestor's view now.
         let mut reqs: Vec<(usize, u64, u64)> = Vec::new();
         let mut layout: Vec<Vec<Option<u64>>> = Vec::new();
