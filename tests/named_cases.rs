@@ -1,0 +1,277 @@
+//! Named bad inputs, each with its message asserted and every file left
+//! byte-identical by a refused merge.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
+use vhdmerge::{Chain, ChainOptions};
+
+fn files(dir: &Path) -> Vec<(String, String)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().to_string(),
+                blake3::hash(&std::fs::read(&p).unwrap())
+                    .to_hex()
+                    .to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn vhdx_chain(dir: &Path) -> (PathBuf, PathBuf) {
+    let b = dir.join("b.vhdx");
+    let c = dir.join("c.avhdx");
+    create::create_vhdx(
+        &b,
+        &VhdxOptions {
+            virtual_size: 8 << 20,
+            block_size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    create::create_child(&c, &b, None).unwrap();
+    let mut ch = Chain::open(
+        &c,
+        &ChainOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    ch.write(4096, &[9u8; 8192]).unwrap();
+    ch.close().unwrap();
+    (b, c)
+}
+
+/// `merge` and `info` on `top` fail with `needle`, and nothing in `dir` changes.
+fn refused(dir: &Path, top: &Path, needle: &str) {
+    let before = files(dir);
+    for cmd in ["info", "merge"] {
+        let o = vhdmerge(&[cmd, top.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{cmd} should fail");
+        assert!(err.contains(needle), "{cmd}: expected '{needle}' in: {err}");
+        assert!(
+            err.contains(top.file_name().unwrap().to_str().unwrap()) || err.contains("b.v"),
+            "{cmd}: the message names no file: {err}"
+        );
+    }
+    assert_eq!(files(dir), before, "a refused command changed a file");
+}
+
+#[test]
+fn parent_missing() {
+    let d = tempfile::tempdir().unwrap();
+    let (b, c) = vhdx_chain(d.path());
+    std::fs::rename(&b, d.path().join("elsewhere.bin")).unwrap();
+    refused(d.path(), &c, "parent disk not found; looked at");
+}
+
+#[test]
+fn parent_with_the_wrong_identity() {
+    let d = tempfile::tempdir().unwrap();
+    let (b, c) = vhdx_chain(d.path());
+    std::fs::remove_file(&b).unwrap();
+    create::create_vhdx(
+        &b,
+        &VhdxOptions {
+            virtual_size: 8 << 20,
+            block_size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    refused(
+        d.path(),
+        &c,
+        "has the wrong identity: the child expects DataWriteGuid",
+    );
+}
+
+#[test]
+fn a_loop_in_the_chain() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, c) = vhdx_chain(d.path());
+    // Point the child at itself, with its own DataWriteGuid as linkage.
+    let mut disk = vhdmerge::disk::vhdx::VhdxDisk::open(&c, true).unwrap();
+    let mut loc = disk.locator.clone().unwrap();
+    loc.set(
+        "parent_linkage",
+        &vhdmerge::format::vhdx::metadata::braced(&disk.header().data_write_guid),
+    );
+    loc.set("relative_path", ".\\c.avhdx");
+    disk.set_locator(&loc).unwrap();
+    vhdmerge::disk::Layer::close(&mut disk).unwrap();
+    drop(disk);
+    refused(d.path(), &c, "loops back to");
+}
+
+#[test]
+fn virtual_size_mismatch() {
+    let d = tempfile::tempdir().unwrap();
+    let b = d.path().join("b.vhd");
+    let c = d.path().join("c.avhd");
+    create::create_vhd(
+        &b,
+        &VhdOptions {
+            size: 8 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    create::create_child(&c, &b, None).unwrap();
+    // Shrink the parent's footer size (both copies, checksums fixed).
+    let len = std::fs::metadata(&b).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&b)
+        .unwrap();
+    for at in [0, len - 512] {
+        let mut raw = vec![0u8; 512];
+        f.read_exact_at(&mut raw, at).unwrap();
+        let mut footer = vhdmerge::format::vhd::Footer::decode(&raw).unwrap();
+        footer.current_size = 4 << 20;
+        f.write_all_at(&footer.encode(), at).unwrap();
+    }
+    drop(f);
+    refused(d.path(), &c, "virtual sizes differ");
+}
+
+/// The metadata region of vhdmerge-made VHDX files starts at 2 MiB; items at +64 KiB.
+const META: u64 = 2 << 20;
+
+#[test]
+fn block_size_not_a_power_of_two() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, c) = vhdx_chain(d.path());
+    let f = std::fs::OpenOptions::new().write(true).open(&c).unwrap();
+    f.write_all_at(&(3u32 << 20).to_le_bytes(), META + (64 << 10))
+        .unwrap();
+    drop(f);
+    refused(d.path(), &c, "block size 3145728 is not a power of two");
+}
+
+#[test]
+fn unknown_required_metadata() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, c) = vhdx_chain(d.path());
+    // The Physical Sector Size entry (the fifth) gets an unknown GUID; it stays required.
+    let f = std::fs::OpenOptions::new().write(true).open(&c).unwrap();
+    f.write_all_at(&[0x42; 16], META + 32 + 32 * 4).unwrap();
+    drop(f);
+    refused(d.path(), &c, "unknown required item");
+}
+
+#[test]
+fn a_log_that_does_not_replay() {
+    use vhdmerge::format::vhdx::{HEADER_OFFSETS, header::Header, log};
+    let d = tempfile::tempdir().unwrap();
+    let (b, _) = vhdx_chain(d.path());
+    let mut f = std::fs::read(&b).unwrap();
+    let h0 = Header::decode(&f[HEADER_OFFSETS[0] as usize..][..4096]).unwrap();
+    let h1 = Header::decode(&f[HEADER_OFFSETS[1] as usize..][..4096]).unwrap();
+    let (mut h, slot) = if h0.sequence > h1.sequence {
+        (h0, 1)
+    } else {
+        (h1, 0)
+    };
+    let g = uuid::Uuid::from_u128(77);
+    // An entry that says the file was larger than it is: it was truncated.
+    let page = vec![0u8; 4096];
+    let entry = log::encode_entry(&g, 3, 0, f.len() as u64 + (64 << 20), &[(3 << 20, &page)]);
+    let lo = h.log_offset as usize;
+    f[lo..lo + entry.len()].copy_from_slice(&entry);
+    h.sequence += 1;
+    h.log_guid = g;
+    f[HEADER_OFFSETS[slot] as usize..][..4096].copy_from_slice(&h.encode());
+    std::fs::write(&b, f).unwrap();
+    let before = files(d.path());
+    let o = vhdmerge(&["info", b.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("the file was truncated") && err.contains("log"),
+        "{err}"
+    );
+    assert_eq!(files(d.path()), before);
+}
+
+#[test]
+fn a_journal_that_belongs_to_other_files() {
+    let d = tempfile::tempdir().unwrap();
+    let (b, c) = vhdx_chain(d.path());
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
+        .args(["--quiet", "merge"])
+        .arg(&c)
+        .env("VHDMERGE_FAIL_AT", "after-begin")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let journal = vhdmerge::journal::path_for(&b);
+    // Another pair of disks with the same names gets this journal.
+    let other = tempfile::tempdir().unwrap();
+    let (b2, _) = vhdx_chain(other.path());
+    std::fs::copy(&journal, vhdmerge::journal::path_for(&b2)).unwrap();
+    let before = files(other.path());
+    let o = vhdmerge(&["recover", b2.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("the journal belongs to other files"),
+        "{err}"
+    );
+    assert_eq!(files(other.path()), before);
+}
+
+/// Regression (found by tests/crash.rs): a rollback of a committed merge,
+/// interrupted after the ancestor was cut back to its old length but before
+/// its before-images were written, left a BAT pointing past the end; the
+/// next recovery refused to open the file instead of finishing the rollback.
+#[test]
+fn regression_rollback_interrupted_after_truncation() {
+    let d = tempfile::tempdir().unwrap();
+    let (b, c) = vhdx_chain(d.path());
+    let start = files(d.path());
+    let run = |args: &[&str], fail: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
+            .arg("--quiet")
+            .args(args)
+            .env("VHDMERGE_FAIL_AT", fail)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        !run(&["merge", c.to_str().unwrap()], "after-commit")
+            .status
+            .success()
+    );
+    assert!(
+        !run(
+            &["recover", "--rollback", b.to_str().unwrap()],
+            "recover-after-rollback-mark"
+        )
+        .status
+        .success()
+    );
+    let journal = vhdmerge::journal::load(&vhdmerge::journal::path_for(&b)).unwrap();
+    let Some(vhdmerge::journal::Record::Begin(begin)) = journal.records.first() else {
+        panic!()
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&b)
+        .unwrap()
+        .set_len(begin.files[0].length)
+        .unwrap();
+    ok(&["recover", b.to_str().unwrap()]);
+    assert_eq!(files(d.path()), start);
+}
