@@ -22,4 +22,14 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets -q -- -D warnings
 echo "== cargo test"
-cargo test --all-targets -- --test-threads=2 "$@"
+# Library, binary and integration tests (examples have none). The totals
+# are printed last as one line, 'tests: N passed, N failed'.
+log=$(mktemp)
+set +e
+cargo test --lib --bins --tests -- --test-threads=2 "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
+exit "$status"
