@@ -6,6 +6,7 @@ pub mod create;
 pub mod raw;
 pub mod vhd;
 pub mod vhdx;
+mod vhdx_open;
 
 use std::path::{Path, PathBuf};
 
