@@ -32,29 +32,36 @@ pub trait Storage: Send + Sync {
     }
 }
 
-impl Storage for Box<dyn Storage> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        (**self).read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        (**self).write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        (**self).flush()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        (**self).set_len(len)
-    }
-    fn len(&self) -> io::Result<u64> {
-        (**self).len()
-    }
-    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
-        (**self).next_data(offset)
-    }
-    fn next_hole(&self, offset: u64) -> io::Result<u64> {
-        (**self).next_hole(offset)
-    }
+/// Boxed and shared storages delegate to what they hold.
+macro_rules! delegate_storage {
+    ($t:ty) => {
+        impl Storage for $t {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+                (**self).read_at(buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+                (**self).write_at(buf, offset)
+            }
+            fn flush(&self) -> io::Result<()> {
+                (**self).flush()
+            }
+            fn set_len(&self, len: u64) -> io::Result<()> {
+                (**self).set_len(len)
+            }
+            fn len(&self) -> io::Result<u64> {
+                (**self).len()
+            }
+            fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+                (**self).next_data(offset)
+            }
+            fn next_hole(&self, offset: u64) -> io::Result<u64> {
+                (**self).next_hole(offset)
+            }
+        }
+    };
 }
+delegate_storage!(Box<dyn Storage>);
+delegate_storage!(std::sync::Arc<dyn Storage>);
 
 /// A real file. Every mutating operation passes through [`trace`], which
 /// tests use to record operations (to build crash states) or inject faults.

@@ -7,6 +7,8 @@ pub mod disk;
 pub mod error;
 pub mod failpoint;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guid;
 pub mod io;
 pub mod journal;

@@ -87,7 +87,41 @@ impl VhdxDisk {
     }
 
     /// Opens through a given storage (the merge passes a journaled one).
+    ///
+    /// A writable open of a file with a live log must replay it on disk,
+    /// which is a write; so the whole file is first opened and validated
+    /// with the log replayed in memory, and only a file that passes is
+    /// touched. Bad input is refused before the first write.
     pub fn open_with(path: &Path, io: Box<dyn Storage>, writable: bool) -> Result<VhdxDisk> {
+        if !writable {
+            return Self::parse(path, io, false);
+        }
+        let shared: std::sync::Arc<dyn Storage> = std::sync::Arc::from(io);
+        let peek = Src::new(path, Box::new(shared.clone()));
+        if peek.len()? >= 1 << 20 {
+            let (h, _, _) = read_headers(&peek)?;
+            if h.sequence > u64::MAX - (1 << 32) {
+                return Err(corrupt(
+                    path,
+                    "header",
+                    HEADER_OFFSETS[0],
+                    format!(
+                        "sequence number {:#x} leaves no room for updates; the file cannot be written (convert it to a new file)",
+                        h.sequence
+                    ),
+                ));
+            }
+            if !h.log_guid.is_nil() {
+                let probe =
+                    Overlay::new(shared.clone()).map_err(|e| Error::io(path, "opening", e))?;
+                Self::parse(path, Box::new(probe), false)?;
+            }
+        }
+        drop(peek);
+        Self::parse(path, Box::new(shared), true)
+    }
+
+    fn parse(path: &Path, io: Box<dyn Storage>, writable: bool) -> Result<VhdxDisk> {
         let mut src = Src::new(path, io);
         let file_len = src.len()?;
         if file_len < 1 << 20 {

@@ -121,13 +121,18 @@ pub fn load_if_begun(path: &Path) -> Result<Option<Loaded>> {
 
 pub fn load(path: &Path) -> Result<Loaded> {
     let buf = std::fs::read(path).map_err(|e| Error::io(path, "reading the journal", e))?;
+    decode(path, &buf)
+}
+
+/// Decodes a whole journal held in memory (`path` names it in errors).
+pub fn decode(path: &Path, buf: &[u8]) -> Result<Loaded> {
     let mut records = Vec::new();
     let mut at = 0usize;
     loop {
         if at == buf.len() {
             break;
         }
-        match decode_at(&buf, at, records.len() as u64) {
+        match decode_at(buf, at, records.len() as u64) {
             Ok((rec, n)) => {
                 records.push(rec);
                 at += n;
@@ -144,7 +149,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
             }
             Err(fault) => {
                 // Corruption before the tail: some later frame is valid.
-                if let Some(later) = find_valid_frame(&buf, at + 1) {
+                if let Some(later) = find_valid_frame(buf, at + 1) {
                     return Err(Error::corrupt(
                         path,
                         "journal record",
@@ -175,11 +180,22 @@ pub fn load(path: &Path) -> Result<Loaded> {
     })
 }
 
+/// The first offset at or after `from` holding a valid frame. Crafted input
+/// could put the magic at every offset with a large length; the checksum
+/// work is capped at a multiple of the journal's size, past which the scan
+/// answers as if a valid frame followed (the caller then refuses the
+/// journal instead of hanging, which is the safe answer for such a file).
 fn find_valid_frame(buf: &[u8], from: usize) -> Option<usize> {
     let magic = MAGIC.to_le_bytes();
+    let mut budget = (buf.len() as u64).saturating_mul(8).max(1 << 24);
     let mut i = from;
     while i + FRAME_HEADER <= buf.len() {
         if buf[i..i + 4] == magic {
+            let len = u32::from_le_bytes(buf[i + 16..i + 20].try_into().expect("4")) as u64;
+            budget = budget.saturating_sub(FRAME_HEADER as u64 + len);
+            if budget == 0 {
+                return Some(i);
+            }
             let seq = u64::from_le_bytes(buf[i + 8..i + 16].try_into().expect("8"));
             if decode_at(buf, i, seq).is_ok() {
                 return Some(i);

@@ -131,7 +131,7 @@ pub fn active_sequence(log: &[u8], log_guid: &Uuid) -> Option<Vec<Entry>> {
         let mut pos = start;
         while let Some(e) = parse_entry(log, pos, log_guid) {
             if let Some(prev) = seq.last()
-                && e.sequence != prev.sequence + 1
+                && prev.sequence.checked_add(1) != Some(e.sequence)
             {
                 break;
             }
