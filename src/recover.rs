@@ -87,7 +87,12 @@ pub fn recover_journal(jpath: &Path, rollback: bool) -> Result<RecoverReport> {
         f.path = jdir.join(&f.path).to_string_lossy().to_string();
     }
     let state = state_of(&loaded.records);
-    check_files(jpath, &begin, state)?;
+    // Only finishing reads the merged files (to redo a lost copy); a
+    // rollback never touches them, so one that another program changed
+    // after the merge began does not stand in the way of undoing it.
+    let finishing =
+        matches!(state, "committed" | "cleaning up") && !rollback || state == "cleaning up";
+    check_files(jpath, &begin, state, finishing)?;
     let present: Vec<&Path> = begin
         .files
         .iter()
@@ -136,8 +141,8 @@ pub fn recover_journal(jpath: &Path, rollback: bool) -> Result<RecoverReport> {
 
 /// The files must be the ones the journal names: same identity (the
 /// ancestor may already carry the merge's new DataWriteGuid), and the merged
-/// files unchanged in length.
-fn check_files(jpath: &Path, begin: &Begin, state: &str) -> Result<()> {
+/// files unchanged in length when the merge is to be finished.
+fn check_files(jpath: &Path, begin: &Begin, state: &str, finishing: bool) -> Result<()> {
     for f in &begin.files {
         let p = Path::new(&f.path);
         let merged = matches!(f.role, Role::Merged { .. });
@@ -174,7 +179,7 @@ fn check_files(jpath: &Path, begin: &Begin, state: &str) -> Result<()> {
         let len = std::fs::metadata(p)
             .map_err(|e| Error::io(p, "reading size", e))?
             .len();
-        if merged && len != f.length {
+        if merged && finishing && len != f.length {
             return Err(Error::WriteRefused {
                 path: jpath.to_path_buf(),
                 reason: format!(
@@ -217,6 +222,12 @@ fn undo(
         }
     }
     for (i, f) in begin.files.iter().enumerate() {
+        // Merged files are never written before cleanup, so there is
+        // nothing to undo in them; leaving them alone also leaves alone
+        // what another program may have done to them meanwhile.
+        if matches!(f.role, Role::Merged { .. }) {
+            continue;
+        }
         let p = Path::new(&f.path);
         let io = FileStorage::open(p, true)?;
         let restore = |off: u64, data: &[u8]| {

@@ -198,7 +198,7 @@ fn write_into(f: &mut Vec<u8>, offset: u64, data: &[u8]) {
 }
 
 /// The crash states to try at one operation index.
-fn variants(sim: &Sim, ops: &[Op], rng: &mut Rng, cap: usize) -> Vec<Files> {
+fn variants(sim: &Sim, ops: &[Op], rng: &mut Rng, cap: usize, tears: usize) -> Vec<Files> {
     let p = &sim.pending;
     let mut out = Vec::new();
     // (a) every prefix of the pending operations (sampled past the cap).
@@ -212,19 +212,24 @@ fn variants(sim: &Sim, ops: &[Op], rng: &mut Rng, cap: usize) -> Vec<Files> {
     };
     for k in prefixes {
         out.push(sim.crash_state(ops, &p[..k], None, false));
-        // (c) torn: the next write cut at a sector boundary, old or garbage.
+        // (c) torn: the next write cut at a sector boundary, old or garbage;
+        // one random cut, or (full suite) up to 16 cuts spread over it.
         if k < p.len()
             && let Op::Write { data, .. } = &ops[p[k]]
             && data.len() > 512
         {
-            let sectors = 1 + rng.below((data.len() / 512) as u64 - 1 + 1) as usize;
-            out.push(sim.crash_state(
-                ops,
-                &p[..=k],
-                Some(sectors.min(data.len() / 512 - 1)),
-                false,
-            ));
-            out.push(sim.crash_state(ops, &p[..=k], Some(sectors.min(data.len() / 512 - 1)), true));
+            let n = data.len() / 512;
+            let cuts: Vec<usize> = if tears > 1 {
+                let step = (n - 1).div_ceil(tears).max(1);
+                (1..n).step_by(step).collect()
+            } else {
+                vec![(1 + rng.below(n as u64) as usize).min(n - 1)]
+            };
+            for sectors in cuts {
+                for garbage in [false, true] {
+                    out.push(sim.crash_state(ops, &p[..=k], Some(sectors), garbage));
+                }
+            }
         }
     }
     // (b) random subsets, in order and reversed; (d) growth holding garbage.
@@ -449,20 +454,77 @@ fn recover_and_check(
 }
 
 struct Totals {
+    /// Distinct crash states (file sets), each recovered by default and,
+    /// for a committed merge, also with `--rollback`.
     states: usize,
+    /// Distinct states after a second crash during a recovery.
     recovery_crashes: usize,
 }
 
-fn explore(s: &Scenario, cap: usize, recovery_every: usize) -> Totals {
+/// How hard to look: the default run (CI) and the full suite differ here.
+#[derive(Clone, Copy)]
+struct Params {
+    /// Prefixes per operation index before sampling; subsets are cap / 8.
+    cap: usize,
+    /// Torn cuts per torn write (1: one random cut).
+    tears: usize,
+    /// A second-crash sweep after every this many states.
+    recovery_every: usize,
+    /// Bytes per durable batch of the merge: smaller, more flush points.
+    batch_bytes: u64,
+}
+
+/// Crash states are deduplicated by content: different operation subsets
+/// often leave the same bytes, and only distinct states are counted.
+fn fingerprint(files: &Files) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for (n, d) in files {
+        h.update(&(n.len() as u64).to_le_bytes());
+        h.update(n.as_bytes());
+        h.update(&(d.len() as u64).to_le_bytes());
+        h.update(d);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Recovery modes that take different paths for this state: `--rollback`
+/// differs from the default only for a committed merge whose cleanup has
+/// not begun (before commit both roll back, through the same code).
+fn modes(state: &Files, ancestor: &str) -> &'static [bool] {
+    let j = state
+        .get(&format!("{ancestor}{}", vhdmerge::journal::SUFFIX))
+        .and_then(|b| vhdmerge::journal::decode(Path::new("journal"), b).ok());
+    match j {
+        Some(l)
+            if l.records.iter().any(|r| r.kind() == 4)
+                && !l.records.iter().any(|r| r.kind() == 5) =>
+        {
+            &[false, true]
+        }
+        _ => &[false],
+    }
+}
+
+/// A scratch folder on tmpfs where there is one: states are written and
+/// read back thousands of times.
+fn scratch() -> tempfile::TempDir {
+    match Path::new("/dev/shm").is_dir() {
+        true => tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap()),
+        false => tempfile::tempdir().unwrap(),
+    }
+}
+
+fn explore(s: &Scenario, p: Params) -> Totals {
     vhdmerge::guid::set_seed(Some(4242));
-    let pristine = tempfile::tempdir().unwrap();
+    let pristine = scratch();
     let child = build(s, pristine.path());
     // A dirty log stays dirty in the start state: the merge replays it
     // through the journal, so a rollback brings the dirty log back.
     let start = snapshot(pristine.path());
-    let work = tempfile::tempdir().unwrap();
+    let work = scratch();
     materialize(&start, work.path());
-    let o = opts(s, work.path());
+    let mut o = opts(s, work.path());
+    o.batch_bytes = p.batch_bytes;
     let wchild = work.path().join(name(&child));
     trace::start(work.path(), true, None, true);
     vhdmerge::guid::set_seed(Some(4242));
@@ -481,11 +543,16 @@ fn explore(s: &Scenario, cap: usize, recovery_every: usize) -> Totals {
         states: 0,
         recovery_crashes: 0,
     };
+    let mut seen = std::collections::HashSet::new();
+    let mut seen_second = std::collections::HashSet::new();
     let mut sim = Sim::new(&start);
-    let crash_dir = tempfile::tempdir().unwrap();
+    let crash_dir = scratch();
     for i in 0..=ops.len() {
-        for state in variants(&sim, &ops, &mut rng, cap) {
-            for rollback in [false, true] {
+        for state in variants(&sim, &ops, &mut rng, p.cap, p.tears) {
+            if !seen.insert(fingerprint(&state)) {
+                continue;
+            }
+            for &rollback in modes(&state, &ancestor) {
                 materialize(&state, crash_dir.path());
                 if let Err(e) =
                     recover_and_check(crash_dir.path(), &ancestor, &start, &finished, rollback)
@@ -497,17 +564,17 @@ fn explore(s: &Scenario, cap: usize, recovery_every: usize) -> Totals {
                         ops.get(i).map(short)
                     );
                 }
-                totals.states += 1;
             }
+            totals.states += 1;
             // (e) a second crash during recovery, at every recovery operation.
-            if totals.states.is_multiple_of(recovery_every) {
+            if totals.states.is_multiple_of(p.recovery_every) {
                 totals.recovery_crashes += crash_during_recovery(
                     &state,
                     crash_dir.path(),
                     &ancestor,
-                    &start,
-                    &finished,
+                    (&start, &finished),
                     &mut rng,
+                    &mut seen_second,
                     s.name,
                 );
             }
@@ -533,9 +600,9 @@ fn crash_during_recovery(
     state: &Files,
     dir: &Path,
     ancestor: &str,
-    start: &Files,
-    finished: &Files,
+    (start, finished): (&Files, &Files),
     rng: &mut Rng,
+    seen: &mut std::collections::HashSet<[u8; 32]>,
     scenario: &str,
 ) -> usize {
     materialize(state, dir);
@@ -555,7 +622,10 @@ fn crash_during_recovery(
             sim.step(&ops, i);
             continue;
         }
-        for second in variants(&sim, &ops, rng, 2) {
+        for second in variants(&sim, &ops, rng, 2, 1) {
+            if !seen.insert(fingerprint(&second)) {
+                continue;
+            }
             materialize(&second, dir);
             if let Err(e) = recover_and_check(dir, ancestor, start, finished, false) {
                 panic!(
@@ -673,7 +743,25 @@ fn scenarios() -> Vec<Scenario> {
 fn every_crash_state_recovers() {
     let _serial = serial();
     let full = std::env::var_os("VHDMERGE_CRASH_FULL").is_some();
-    let (cap, every) = if full { (64, 5) } else { (6, 61) };
+    // The full suite runs every scenario twice: with the default test batch
+    // and with 64 KiB batches (four times the flush points).
+    let runs: Vec<Params> = if full {
+        [256 << 10, 64 << 10]
+            .map(|batch_bytes| Params {
+                cap: 32,
+                tears: 64,
+                recovery_every: 4,
+                batch_bytes,
+            })
+            .to_vec()
+    } else {
+        vec![Params {
+            cap: 6,
+            tears: 16,
+            recovery_every: 61,
+            batch_bytes: 256 << 10,
+        }]
+    };
     let mut total = 0;
     let mut second = 0;
     let only = std::env::var("VHDMERGE_CRASH_ONLY").unwrap_or_default();
@@ -681,16 +769,22 @@ fn every_crash_state_recovers() {
         .into_iter()
         .filter(|s| s.name.contains(only.as_str()))
     {
-        let t = explore(&s, cap, every);
-        eprintln!(
-            "crash states: {:>7} explored, {:>6} second crashes during recovery  [{}]",
-            t.states, t.recovery_crashes, s.name
-        );
-        total += t.states;
-        second += t.recovery_crashes;
+        for p in &runs {
+            let t = explore(&s, *p);
+            eprintln!(
+                "crash states: {:>7} distinct, {:>6} distinct second crashes during recovery  [{}, {} KiB batches]",
+                t.states,
+                t.recovery_crashes,
+                s.name,
+                p.batch_bytes >> 10
+            );
+            total += t.states;
+            second += t.recovery_crashes;
+        }
     }
     eprintln!(
-        "crash states: {total} explored, {second} second crashes during recovery, all recovered correctly"
+        "crash states: {total} distinct (committed ones recovered with and without --rollback), {second} distinct second crashes during recovery, {} in all, all recovered correctly",
+        total + second
     );
     let floor = if !only.is_empty() {
         0

@@ -275,3 +275,157 @@ fn regression_rollback_interrupted_after_truncation() {
     ok(&["recover", b.to_str().unwrap()]);
     assert_eq!(files(d.path()), start);
 }
+
+/// Runs the binary as an unprivileged user when the tests run as root
+/// (root ignores permission bits), after giving that user the folder.
+fn run_unprivileged(dir: &Path, args: &[&str]) -> std::process::Output {
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    let mut cmd = if root {
+        for p in std::iter::once(dir.to_path_buf())
+            .chain(std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()))
+        {
+            std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
+        }
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_vhdmerge"));
+        c
+    } else {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
+    };
+    cmd.args(args).output().unwrap()
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn read_only_ancestor() {
+    let d = tempfile::tempdir().unwrap();
+    let (b, c) = vhdx_chain(d.path());
+    set_mode(&b, 0o444);
+    let before = files(d.path());
+    let o = run_unprivileged(d.path(), &["merge", c.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("b.vhdx")
+            && err.contains("cannot be opened for writing")
+            && err.contains("chmod"),
+        "{err}"
+    );
+    assert_eq!(files(d.path()), before, "something was written");
+}
+
+#[test]
+fn folder_without_write_permission() {
+    let d = tempfile::tempdir().unwrap();
+    let sub = d.path().join("disks");
+    std::fs::create_dir(&sub).unwrap();
+    let (_, c) = vhdx_chain(&sub);
+    let before = files(&sub);
+    // The folder belongs to the user but is read-only to it.
+    let o = {
+        set_mode(&sub, 0o555);
+        let o = run_unprivileged(&sub, &["merge", c.to_str().unwrap()]);
+        set_mode(&sub, 0o755);
+        o
+    };
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("disks") && err.contains("folder is not writable"),
+        "{err}"
+    );
+    assert_eq!(files(&sub), before, "something was written");
+}
+
+/// Starts `merge` paused after its first durable batch; `act` plays the
+/// other program; the merge must then refuse to commit, naming the file
+/// and what happened, and `recover` must roll it back.
+fn interfered(act: impl FnOnce(&Path, &Path, &[u8]), needle: &str) -> PathBuf {
+    let d = tempfile::tempdir().unwrap().keep();
+    let (b, c) = vhdx_chain(&d);
+    let b_before = std::fs::read(&b).unwrap();
+    let flag = d.join("paused.flag");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
+        .args(["--quiet", "merge", "--batch", "4K"])
+        .arg(&c)
+        .env("VHDMERGE_PAUSE_AT", "mid-apply")
+        .env("VHDMERGE_PAUSE_FILE", &flag)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !flag.exists() {
+        assert!(t.elapsed().as_secs() < 60, "the merge never paused");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    act(&b, &c, &b_before);
+    std::fs::remove_file(&flag).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the merge went on");
+    assert!(
+        err.contains(needle) && err.contains("vhdmerge recover"),
+        "{err}"
+    );
+    ok(&["recover", b.to_str().unwrap()]);
+    d
+}
+
+#[test]
+fn source_grown_by_another_program_during_a_merge() {
+    let start = std::cell::RefCell::new(Vec::new());
+    let d = interfered(
+        |_, c, _| {
+            // As a VM still running on the checkpoint would: the child grows.
+            *start.borrow_mut() = files(c.parent().unwrap());
+            let f = std::fs::OpenOptions::new().append(true).open(c).unwrap();
+            f.write_all_at(&[1u8; 4096], std::fs::metadata(c).unwrap().len())
+                .unwrap();
+        },
+        "changed size",
+    );
+    // Rolled back: the ancestor as it was, the child as the other program
+    // left it, no journal.
+    let now = files(&d);
+    let was = start.borrow();
+    let get = |v: &[(String, String)], n: &str| v.iter().find(|(k, _)| k == n).cloned();
+    assert!(get(&now, "b.vhdx.vhdmerge-journal").is_none());
+    let pristine = tempfile::tempdir().unwrap();
+    vhdmerge::guid::set_seed(None);
+    assert_eq!(
+        digest_of(&d.join("b.vhdx")),
+        {
+            let (b, _) = vhdx_chain(pristine.path());
+            digest_of(&b)
+        },
+        "the ancestor's contents changed"
+    );
+    assert_ne!(get(&now, "c.avhdx"), get(&was, "c.avhdx"));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn ancestor_replaced_by_another_program_during_a_merge() {
+    let copy = std::cell::RefCell::new(Vec::new());
+    let d = interfered(
+        |b, _, before| {
+            // A restore tool puts the ancestor back from a backup taken
+            // before the merge: a new file (new inode) at the same path.
+            let tmp = b.with_extension("restored");
+            std::fs::write(&tmp, before).unwrap();
+            *copy.borrow_mut() = before.to_vec();
+            std::fs::rename(&tmp, b).unwrap();
+        },
+        "replaced by another file",
+    );
+    assert!(!d.join("b.vhdx.vhdmerge-journal").exists());
+    // The restored file is as the restore tool left it.
+    assert!(std::fs::read(d.join("b.vhdx")).unwrap() == *copy.borrow());
+    std::fs::remove_dir_all(&d).unwrap();
+}

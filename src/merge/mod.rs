@@ -221,6 +221,13 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
     }
     let rel_paths: Vec<&Path> = relink.iter().map(|d| d.path.as_path()).collect();
     preflight::refuse_pending(&rel_paths)?;
+    let mut writes: Vec<&Path> = vec![chain.layers[ancestor].path()];
+    writes.extend(&rel_paths);
+    let mut folders: Vec<&Path> = vec![folder_of(chain.layers[ancestor].path())];
+    if !opts.keep {
+        folders.extend(chain.layers[..ancestor].iter().map(|l| folder_of(l.path())));
+    }
+    preflight::check_writable(&writes, &folders)?;
 
     let a = chain.layers[ancestor].as_ref();
     let (mut runs, mut bytes, mut overwrite) = (0u64, 0u64, 0u64);
@@ -278,6 +285,12 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
         plan,
         relink,
     })
+}
+
+fn folder_of(p: &Path) -> &Path {
+    p.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 fn fingerprint(path: &Path) -> Result<String> {
@@ -352,7 +365,8 @@ pub fn execute(
     } = p;
     let mut lock_paths: Vec<&Path> = preflight::layer_paths(&chain)[..=ancestor].to_vec();
     lock_paths.extend(relink.iter().map(|d| d.path.as_path()));
-    let _locks = preflight::lock_all(&lock_paths)?;
+    let locks = preflight::lock_all(&lock_paths)?;
+    let ancestor_path = chain.layers[ancestor].path().to_path_buf();
 
     // The expected result: the child's view, as a content digest.
     let expected = match opts.verify_full {
@@ -434,6 +448,7 @@ pub fn execute(
             done += r.len;
             since_commit += r.len;
             if since_commit >= opts.batch_bytes {
+                locks.check_unchanged(&[ancestor_path.as_path()])?;
                 a.commit()?;
                 since_commit = 0;
                 batches += 1;
@@ -459,6 +474,7 @@ pub fn execute(
         Ok(())
     })?;
     apply_group(&mut group, &mut a)?;
+    locks.check_unchanged(&[ancestor_path.as_path()])?;
     a.commit()?;
     failpoint("before-close");
     a.close()?;
@@ -476,6 +492,11 @@ pub fn execute(
         )?;
         failpoint("mid-relink");
     }
+    // Last look before the point of no return: the re-linked children were
+    // written by us just now, the ancestor throughout.
+    let mut ours: Vec<&Path> = vec![ancestor_path.as_path()];
+    ours.extend(relink.iter().map(|d| d.path.as_path()));
+    locks.check_unchanged(&ours)?;
     {
         let mut j = journal.lock().unwrap_or_else(|e| e.into_inner());
         j.append(&Record::Committed);

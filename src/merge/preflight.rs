@@ -139,9 +139,19 @@ pub fn dependents(chain: &Chain, ancestor: usize) -> Vec<Dependent> {
     found
 }
 
-/// Exclusive locks held for the whole merge or recovery.
+/// Exclusive locks held for the whole merge or recovery, with what each
+/// file was when it was locked: another program that does not honour the
+/// locks (a running VM, a copy or restore tool) can still replace or
+/// change a file, and the merge must notice before it commits.
 pub struct Locks {
-    _files: Vec<File>,
+    files: Vec<Locked>,
+}
+
+struct Locked {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
 }
 
 pub fn lock_all(paths: &[&Path]) -> Result<Locks> {
@@ -156,9 +166,89 @@ pub fn lock_all(paths: &[&Path]) -> Result<Locks> {
                     .into(),
             });
         }
-        files.push(f);
+        let m = f
+            .metadata()
+            .map_err(|e| Error::io(p, "reading metadata", e))?;
+        files.push(Locked {
+            path: p.to_path_buf(),
+            len: m.len(),
+            modified: m.modified().ok(),
+            file: f,
+        });
     }
-    Ok(Locks { _files: files })
+    Ok(Locks { files })
+}
+
+impl Locks {
+    /// Refuses if any locked path now names another file (replaced,
+    /// renamed or deleted), or if a file the merge does not write (all but
+    /// `written`) changed size or modification time.
+    pub fn check_unchanged(&self, written: &[&Path]) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        for l in &self.files {
+            let changed = |what: &str| Error::WriteRefused {
+                path: l.path.clone(),
+                reason: format!(
+                    "{what} while the merge was running; some other program is using the disks. Nothing was committed: stop that program, run `vhdmerge recover` on the ancestor to roll the merge back, then merge again"
+                ),
+            };
+            let held = l
+                .file
+                .metadata()
+                .map_err(|e| Error::io(&l.path, "reading metadata", e))?;
+            let now = match std::fs::metadata(&l.path) {
+                Ok(m) => m,
+                Err(_) => return Err(changed("the file was deleted or renamed")),
+            };
+            if (now.dev(), now.ino()) != (held.dev(), held.ino()) {
+                return Err(changed("the file was replaced by another file"));
+            }
+            if written.contains(&l.path.as_path()) {
+                continue;
+            }
+            if held.len() != l.len {
+                return Err(changed(&format!(
+                    "the file changed size from {} to {} bytes",
+                    l.len,
+                    held.len()
+                )));
+            }
+            if held.modified().ok() != l.modified {
+                return Err(changed("the file was written to"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Refuses, before anything is written, when a file the merge must write
+/// cannot be opened for writing or the folder that gets the journal (and
+/// loses the merged files) cannot be written: read-only files, read-only
+/// file systems, missing permissions.
+pub fn check_writable(files: &[&Path], folders: &[&Path]) -> Result<()> {
+    use rustix::fs::{Access, access};
+    for p in files {
+        if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(p) {
+            return Err(Error::WriteRefused {
+                path: p.to_path_buf(),
+                reason: format!(
+                    "cannot be opened for writing ({e}); the merge writes into this file. Make it writable (chmod u+w, or run as its owner; remount a read-only file system read-write) and merge again"
+                ),
+            });
+        }
+    }
+    for d in folders {
+        if let Err(e) = access(*d, Access::WRITE_OK | Access::EXEC_OK) {
+            return Err(Error::WriteRefused {
+                path: canonical(d),
+                reason: format!(
+                    "the folder is not writable ({}); the merge keeps its journal there and removes the merged files from it. Make it writable or run as its owner and merge again",
+                    std::io::Error::from(e)
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Refuses when the folder of `path` has less than `needed` bytes free.
