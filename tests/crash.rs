@@ -54,11 +54,18 @@ fn materialize(files: &Files, dir: &Path) {
         let f = std::fs::File::create(dir.join(n)).unwrap();
         f.set_len(data.len() as u64).unwrap();
         for (i, page) in data.chunks(64 << 10).enumerate() {
-            if page.iter().any(|&b| b != 0) {
+            if !is_zero(page) {
                 f.write_all_at(page, (i as u64) << 16).unwrap();
             }
         }
     }
+}
+
+/// Whether `b` (at most 64 KiB) is all zeros; a memcmp against a zero page,
+/// far faster than a byte loop over images that are mostly zeros.
+fn is_zero(b: &[u8]) -> bool {
+    static ZERO: [u8; 64 << 10] = [0; 64 << 10];
+    b == &ZERO[..b.len()]
 }
 
 /// Durable and pending state after a prefix of the operations.
@@ -246,6 +253,7 @@ fn variants(sim: &Sim, ops: &[Op], rng: &mut Rng, cap: usize, tears: usize) -> V
     out
 }
 
+#[derive(Clone)]
 struct Scenario {
     name: &'static str,
     vhdx: bool,
@@ -260,6 +268,12 @@ struct Scenario {
 }
 
 fn build(s: &Scenario, dir: &Path) -> PathBuf {
+    build_with(s, dir, 0)
+}
+
+/// `extra` more writes per level, scattered, of 512 bytes to 256 KiB: more
+/// runs, more batches and more pending writes, so more distinct states.
+fn build_with(s: &Scenario, dir: &Path, extra: usize) -> PathBuf {
     let size = 6u64 << 20;
     let mut rng = Rng(17);
     let mut paths: Vec<PathBuf> = Vec::new();
@@ -311,6 +325,11 @@ fn build(s: &Scenario, dir: &Path) -> PathBuf {
         c.write((i as u64) << 20, &rng.bytes(1 << 20)).unwrap();
         c.write(3_000_000 + i as u64 * 5000, &rng.bytes(9000))
             .unwrap();
+        for _ in 0..extra {
+            let len = 512 * (1 + rng.below(512));
+            let at = rng.below(size - len) / 512 * 512;
+            c.write(at, &rng.bytes(len as usize)).unwrap();
+        }
         c.close().unwrap();
         drop(c);
         paths.push(p);
@@ -472,17 +491,26 @@ struct Params {
     recovery_every: usize,
     /// Bytes per durable batch of the merge: smaller, more flush points.
     batch_bytes: u64,
+    /// Extra scattered writes per level (see `build_with`).
+    extra_writes: usize,
 }
 
 /// Crash states are deduplicated by content: different operation subsets
-/// often leave the same bytes, and only distinct states are counted.
+/// often leave the same bytes, and only distinct states are counted. The
+/// images are mostly zeros, so only non-zero 4 KiB pages are hashed, each
+/// with its offset (and every file with its name and length).
 fn fingerprint(files: &Files) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     for (n, d) in files {
         h.update(&(n.len() as u64).to_le_bytes());
         h.update(n.as_bytes());
         h.update(&(d.len() as u64).to_le_bytes());
-        h.update(d);
+        for (i, page) in d.chunks(4096).enumerate() {
+            if !is_zero(page) {
+                h.update(&(i as u64).to_le_bytes());
+                h.update(page);
+            }
+        }
     }
     *h.finalize().as_bytes()
 }
@@ -517,7 +545,7 @@ fn scratch() -> tempfile::TempDir {
 fn explore(s: &Scenario, p: Params) -> Totals {
     vhdmerge::guid::set_seed(Some(4242));
     let pristine = scratch();
-    let child = build(s, pristine.path());
+    let child = build_with(s, pristine.path(), p.extra_writes);
     // A dirty log stays dirty in the start state: the merge replays it
     // through the journal, so a rollback brings the dirty log back.
     let start = snapshot(pristine.path());
@@ -566,6 +594,13 @@ fn explore(s: &Scenario, p: Params) -> Totals {
                 }
             }
             totals.states += 1;
+            if totals.states.is_multiple_of(5000) {
+                eprintln!(
+                    "  ... {} states, operation {i} of {}",
+                    totals.states,
+                    ops.len()
+                );
+            }
             // (e) a second crash during recovery, at every recovery operation.
             if totals.states.is_multiple_of(p.recovery_every) {
                 totals.recovery_crashes += crash_during_recovery(
@@ -743,15 +778,17 @@ fn scenarios() -> Vec<Scenario> {
 fn every_crash_state_recovers() {
     let _serial = serial();
     let full = std::env::var_os("VHDMERGE_CRASH_FULL").is_some();
-    // The full suite runs every scenario twice: with the default test batch
-    // and with 64 KiB batches (four times the flush points).
+    // The full suite runs every scenario twice: as the default run does,
+    // and with 12 more scattered writes per level merged in 64 KiB batches
+    // (many more runs, flush points and pending writes).
     let runs: Vec<Params> = if full {
-        [256 << 10, 64 << 10]
-            .map(|batch_bytes| Params {
+        [(256 << 10, 0), (64 << 10, 12)]
+            .map(|(batch_bytes, extra_writes)| Params {
                 cap: 32,
                 tears: 64,
                 recovery_every: 4,
                 batch_bytes,
+                extra_writes,
             })
             .to_vec()
     } else {
@@ -760,33 +797,53 @@ fn every_crash_state_recovers() {
             tears: 16,
             recovery_every: 61,
             batch_bytes: 256 << 10,
+            extra_writes: 0,
         }]
     };
-    let mut total = 0;
-    let mut second = 0;
     let only = std::env::var("VHDMERGE_CRASH_ONLY").unwrap_or_default();
-    for s in scenarios()
+    // Work items: (scenario, parameters), in a fixed order.
+    let items: Vec<(Scenario, Params)> = scenarios()
         .into_iter()
         .filter(|s| s.name.contains(only.as_str()))
-    {
-        for p in &runs {
-            let t = explore(&s, *p);
-            eprintln!(
-                "crash states: {:>7} distinct, {:>6} distinct second crashes during recovery  [{}, {} KiB batches]",
-                t.states,
-                t.recovery_crashes,
-                s.name,
-                p.batch_bytes >> 10
-            );
-            total += t.states;
-            second += t.recovery_crashes;
+        .flat_map(|s| runs.iter().map(move |p| (s.clone(), *p)))
+        .collect();
+    let shard = std::env::var("VHDMERGE_CRASH_SHARD").ok();
+    let (total, second) = match (&shard, full) {
+        // The full suite fans out over one process per core (tracing is
+        // process-wide), each taking every n-th item, and adds up.
+        (None, true) => run_shards(),
+        _ => {
+            let (k, n) = shard
+                .as_deref()
+                .and_then(|v| v.split_once('/'))
+                .map(|(k, n)| (k.parse().unwrap(), n.parse().unwrap()))
+                .unwrap_or((0usize, 1usize));
+            let mut totals = (0, 0);
+            for (s, p) in items.iter().skip(k).step_by(n) {
+                let t0 = std::time::Instant::now();
+                let t = explore(s, *p);
+                eprintln!(
+                    "crash states: {:>7} distinct, {:>6} distinct second crashes during recovery  [{}, {} KiB batches, {} extra writes; {:.0} s]",
+                    t.states,
+                    t.recovery_crashes,
+                    s.name,
+                    p.batch_bytes >> 10,
+                    p.extra_writes,
+                    t0.elapsed().as_secs_f64()
+                );
+                totals.0 += t.states;
+                totals.1 += t.recovery_crashes;
+            }
+            // Read back by run_shards.
+            eprintln!("shard totals: {} {}", totals.0, totals.1);
+            totals
         }
-    }
+    };
     eprintln!(
         "crash states: {total} distinct (committed ones recovered with and without --rollback), {second} distinct second crashes during recovery, {} in all, all recovered correctly",
         total + second
     );
-    let floor = if !only.is_empty() {
+    let floor = if !only.is_empty() || shard.is_some() {
         0
     } else if full {
         100_000
@@ -798,6 +855,51 @@ fn every_crash_state_recovers() {
         "only {} crash states explored, want at least {floor}",
         total + second
     );
+}
+
+/// Runs this test in one child process per core, each on its share of the
+/// scenarios; their output is passed through and their totals added.
+fn run_shards() -> (usize, usize) {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let children: Vec<_> = (0..n)
+        .map(|k| {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["every_crash_state_recovers", "--exact", "--nocapture"])
+                .env("VHDMERGE_CRASH_SHARD", format!("{k}/{n}"))
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        })
+        .collect();
+    let mut totals = (0, 0);
+    for (k, (ok, err)) in outputs.iter().enumerate() {
+        for line in err
+            .lines()
+            .filter(|l| l.starts_with("crash states: ") && l.contains('['))
+        {
+            eprintln!("{line}");
+        }
+        assert!(ok, "shard {k}/{n} failed:\n{err}");
+        let last = err
+            .lines()
+            .filter_map(|l| l.strip_prefix("shard totals: "))
+            .next_back()
+            .expect("a shard prints its totals");
+        let mut it = last.split(' ').map(|v| v.parse::<usize>().unwrap());
+        totals.0 += it.next().unwrap();
+        totals.1 += it.next().unwrap();
+    }
+    totals
 }
 
 #[test]

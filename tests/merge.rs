@@ -658,7 +658,8 @@ fn refusals_leave_every_byte_alone() {
     ok(&["recover", paths[0].to_str().unwrap()]);
 
     // Not enough free space: a child whose blocks, once merged, need more
-    // than the file system has (the files themselves are sparse).
+    // than the file system has. The child's blocks are marked fully present
+    // while the file holds them as holes, so the child itself takes no room.
     let free = fs2::available_space(dir.path()).unwrap();
     let bs = 256u64 << 20;
     let blocks = (free / bs + 2).min((64u64 << 40) / bs);
@@ -687,6 +688,22 @@ fn refusals_leave_every_byte_alone() {
     }
     c.close().unwrap();
     drop(c);
+    {
+        use std::os::unix::fs::FileExt;
+        let d = vhdmerge::disk::vhdx::VhdxDisk::open(&bigc, false).unwrap();
+        let bat = d
+            .regions()
+            .find(vhdmerge::format::vhdx::region::BAT_GUID)
+            .unwrap()
+            .file_offset;
+        let f = std::fs::OpenOptions::new().write(true).open(&bigc).unwrap();
+        for b in 0..blocks {
+            // PARTIALLY_PRESENT (7) becomes FULLY_PRESENT (6).
+            let e = (d.bat_entry(b) & !7) | 6;
+            let at = bat + 8 * d.geometry().pb_index(b);
+            f.write_all_at(&e.to_le_bytes(), at).unwrap();
+        }
+    }
     let before: Vec<_> = [&big, &bigc]
         .iter()
         .map(|p| (std::fs::metadata(p).unwrap().len(), blake3_file(p)))

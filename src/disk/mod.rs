@@ -135,6 +135,12 @@ pub trait Layer: Send + Sync {
     fn info(&self) -> Result<LayerInfo>;
     /// Problems that allow reading but forbid writing (bad checksums).
     fn warnings(&self) -> &[String];
+    /// Bytes of metadata changed and not yet committed (VHDX BAT and
+    /// bitmap pages, which a commit writes to the log and then in place).
+    /// Writers commit early when this grows, to bound memory.
+    fn pending_metadata(&self) -> u64 {
+        0
+    }
 }
 
 /// The identity a file offers its children, read from its headers alone

@@ -71,7 +71,10 @@ pub struct VhdxDisk {
     dirty_bat: BTreeMap<u64, ()>,
     /// Changed 4 KiB sector-bitmap pages (file offset → page), not yet committed.
     dirty_sb: BTreeMap<u64, Vec<u8>>,
-    /// One cached 1 MiB bitmap block: (file offset, bytes).
+    /// One cached 64 KiB window of a sector bitmap block: (file offset,
+    /// bytes). A window, not the whole 1 MiB block: on a large sparse disk
+    /// each bitmap block may serve a single partly written block, and
+    /// reading 1 MiB for it made a scattered merge read 16 GiB of bitmaps.
     sb_cache: Mutex<Option<(u64, Vec<u8>)>>,
     file_len: u64,
     next_data_write_guid: Option<Uuid>,
@@ -423,15 +426,20 @@ impl VhdxDisk {
     fn bitmap_slice(&self, block: u64) -> Result<Vec<u8>> {
         let sb = self.sb_offset(block).expect("partial blocks have a bitmap");
         let (start, len) = self.geo.bitmap_slice(block);
+        // Slices are aligned powers of two of at most 64 KiB (a 256 MiB
+        // block of 512-byte sectors), so one window always holds a slice.
+        const WINDOW: u64 = 64 << 10;
+        let window = sb + start / WINDOW * WINDOW;
         let mut cache = self.sb_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.as_ref().is_none_or(|(o, _)| *o != sb) {
+        if cache.as_ref().is_none_or(|(o, _)| *o != window) {
             let v = self
                 .src
-                .read_vec(MIB as usize, sb, "a sector bitmap block")?;
-            *cache = Some((sb, v));
+                .read_vec(WINDOW as usize, window, "a sector bitmap block")?;
+            *cache = Some((window, v));
         }
         let (_, bytes) = cache.as_ref().expect("filled");
-        let mut out = bytes[start as usize..(start + len) as usize].to_vec();
+        let at = (start % WINDOW) as usize;
+        let mut out = bytes[at..at + len as usize].to_vec();
         for (page_off, page) in self
             .dirty_sb
             .range(sb + start / 4096 * 4096..sb + start + len)
@@ -956,6 +964,19 @@ impl Layer for VhdxDisk {
         })
     }
 
+    fn pending_metadata(&self) -> u64 {
+        // Distinct 4 KiB BAT pages (512 entries each), counted only when
+        // the number of entries alone could reach a caller's threshold.
+        let entries = self.dirty_bat.len() as u64;
+        let bat_pages = if entries < 1024 {
+            entries
+        } else {
+            let mut pages: Vec<u64> = self.dirty_bat.keys().map(|i| i / 512).collect();
+            pages.dedup();
+            pages.len() as u64
+        };
+        (bat_pages + self.dirty_sb.len() as u64) * 4096
+    }
     fn warnings(&self) -> &[String] {
         &self.warnings
     }

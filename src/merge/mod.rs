@@ -107,6 +107,9 @@ pub struct Report {
 }
 
 /// Calls `f` for every run the merged levels (0..ancestor) hold, in order.
+/// Only those levels are asked: a range they all leave to their parent is
+/// skipped whole (a block at a time, not a piece at a time, which matters
+/// on a sparse 64 TiB disk). Runs are at most 4 MiB.
 pub fn for_each_run(
     chain: &Chain,
     ancestor: usize,
@@ -115,21 +118,27 @@ pub fn for_each_run(
     const PIECE: u64 = 4 << 20;
     let size = chain.virtual_size();
     let mut pos = 0u64;
-    while pos < size {
-        let (level, ext, n) = chain.resolve(0, pos, (size - pos).min(PIECE))?;
-        if level < ancestor {
+    'walk: while pos < size {
+        let mut len = size - pos;
+        for level in 0..ancestor {
+            let (ext, n) = chain.layers[level].map(pos, len)?;
+            len = n;
             let source = match ext {
+                Extent::Parent => continue,
                 Extent::Data(fo) => Some(fo),
-                _ => None,
+                Extent::Zero => None,
             };
+            let n = n.min(PIECE);
             f(Run {
                 offset: pos,
                 len: n,
                 level,
                 source,
             })?;
+            pos += n;
+            continue 'walk;
         }
-        pos += n;
+        pos += len;
     }
     Ok(())
 }
@@ -232,6 +241,11 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
     let a = chain.layers[ancestor].as_ref();
     let (mut runs, mut bytes, mut overwrite) = (0u64, 0u64, 0u64);
     let mut new_blocks = std::collections::BTreeSet::new();
+    // Bytes written into blocks the ancestor does not have yet, by page:
+    // the rest of such a block is a hole in the file (blocks are added by
+    // growing the file), so on a file system with sparse files only
+    // these pages take space.
+    let mut new_pages = 0u64;
     for_each_run(&chain, ancestor, |r| {
         if r.source.is_none() && ancestor_reads_zero(a, r.offset, r.len)? {
             return Ok(());
@@ -245,6 +259,7 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
                 Extent::Data(_) => overwrite += n,
                 _ => {
                     new_blocks.insert(pos / a.block_size());
+                    new_pages += (pos + n).next_multiple_of(4096) - pos / 4096 * 4096;
                 }
             }
             pos += n;
@@ -256,8 +271,13 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
     // VHDX headers and log region; plus one Copy record per run.
     let meta = (new_blocks.len() as u64 + runs / 64 + 16) * 8192 + (2 << 20);
     let journal_estimate = overwrite.next_multiple_of(4096) * 2 + meta + runs * 96;
-    // New blocks, a bitmap block per 1 MiB... of slack, and the journal.
-    let space_needed = new_bytes + new_bytes / 64 + journal_estimate;
+    // New data (whole new blocks where the file system cannot leave
+    // holes), a bitmap page per new block and 1/64 of slack, and the journal.
+    let new_data = match preflight::sparse_files(a.path()) {
+        true => new_pages,
+        false => new_bytes,
+    };
+    let space_needed = new_data + new_blocks.len() as u64 * 4096 + new_data / 64 + journal_estimate;
     let free_space = preflight::check_space(a.path(), space_needed)?;
     let plan = Plan {
         child: child.to_path_buf(),
@@ -405,6 +425,11 @@ pub fn execute(
     failpoint("after-begin");
 
     let mut a = open_journaled(a_layer.path(), 0, &journal, format, new_guid)?;
+    // From here the merge reads only the merged levels; the read-only
+    // ancestor and what lies below it go (on a 64 TiB disk each open layer
+    // holds a 16 MiB BAT).
+    let mut chain = chain;
+    chain.layers.truncate(ancestor);
     let mut done = 0u64;
     let mut since_commit = 0u64;
     let mut batches = 0u64;
@@ -412,27 +437,23 @@ pub fn execute(
     // When each tenth of the data was copied, to show constant speed.
     let mut deciles: Vec<f64> = Vec::new();
     let mut next_decile = 1u64;
-    // Runs are handled in groups of up to 8 MiB so that their source reads
-    // can be merged (see read_pieces).
-    let mut group: Vec<Run> = Vec::new();
-    let mut group_bytes = 0u64;
-    let mut apply_group = |group: &mut Vec<Run>, a: &mut Box<dyn Layer>| -> Result<()> {
-        let reqs: Vec<(usize, u64, u64)> = group
-            .iter()
-            .filter_map(|r| r.source.map(|fo| (r.level, fo, r.len)))
-            .collect();
-        let mut datas = read_pieces(&chain.layers, &reqs)?.into_iter();
-        for r in group.drain(..) {
-            let data = match r.source {
-                Some(_) => datas.next().expect("one read per sourced run"),
+    // A reader thread walks the runs, reads them in groups of up to 8 MiB
+    // (so that their source reads can be merged, see read_pieces) and
+    // hashes them, while this thread journals and writes the group before:
+    // reading, hashing and writing overlap. At most one read group waits.
+    let mut apply_group = |g: ReadGroup, a: &mut Box<dyn Layer>| -> Result<()> {
+        for (r, loaded) in g.runs.into_iter().zip(g.datas) {
+            let (data, hash) = match loaded {
+                Some(d) => d,
                 None => {
                     if ancestor_reads_zero(a.as_ref(), r.offset, r.len)? {
                         continue;
                     }
-                    vec![0u8; r.len as usize]
+                    let zeros = vec![0u8; r.len as usize];
+                    let hash = *blake3::hash(&zeros).as_bytes();
+                    (zeros, hash)
                 }
             };
-            let hash = blake3::hash(&data);
             journal
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -441,13 +462,15 @@ pub fn execute(
                     length: r.len,
                     source_level: r.level as u32,
                     source_offset: r.source,
-                    blake3: *hash.as_bytes(),
+                    blake3: hash,
                 });
-            copied.push((r.offset, r.len, *hash.as_bytes()));
+            copied.push((r.offset, r.len, hash));
             a.write(r.offset, &data)?;
             done += r.len;
             since_commit += r.len;
-            if since_commit >= opts.batch_bytes {
+            // Commit per batch of data, or sooner when the metadata to log
+            // grows (scattered writes on a large disk touch a BAT page each).
+            if since_commit >= opts.batch_bytes || a.pending_metadata() >= MAX_PENDING_METADATA {
                 locks.check_unchanged(&[ancestor_path.as_path()])?;
                 a.commit()?;
                 since_commit = 0;
@@ -464,16 +487,16 @@ pub fn execute(
         }
         Ok(())
     };
-    for_each_run(&chain, ancestor, |r| {
-        group_bytes += r.len;
-        group.push(r);
-        if group_bytes >= GROUP_BYTES || group.len() >= 4096 {
-            apply_group(&mut group, &mut a)?;
-            group_bytes = 0;
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<ReadGroup>>(1);
+        let chain = &chain;
+        scope.spawn(move || read_groups(chain, ancestor, &tx));
+        // Returning early drops the receiver, which stops the reader.
+        for g in rx {
+            apply_group(g?, &mut a)?;
         }
         Ok(())
     })?;
-    apply_group(&mut group, &mut a)?;
     locks.check_unchanged(&[ancestor_path.as_path()])?;
     a.commit()?;
     failpoint("before-close");
@@ -487,7 +510,7 @@ pub fn execute(
             &d.path,
             1 + ancestor as u32 + i as u32,
             &journal,
-            chain.layers[ancestor].path(),
+            &ancestor_path,
             &a_identity,
         )?;
         failpoint("mid-relink");
@@ -511,7 +534,7 @@ pub fn execute(
         .iter()
         .map(|l| l.path().to_path_buf())
         .collect();
-    let a_path = chain.layers[ancestor].path().to_path_buf();
+    let a_path = ancestor_path.clone();
     drop(chain);
 
     // Prove it before the merged files go: every copied run reads back from
@@ -601,8 +624,61 @@ pub fn execute(
 
 /// Runs handled together (their reads merged).
 const GROUP_BYTES: u64 = 8 << 20;
+/// Changed metadata (BAT and bitmap pages) held before an early commit.
+const MAX_PENDING_METADATA: u64 = 4 << 20;
 /// Pieces of one file closer than this are read with one call.
 const READ_GAP: u64 = 64 << 10;
+
+/// Runs with their data and its BLAKE3 hash; `None` for runs with no
+/// source (zeros), which the writer handles.
+struct ReadGroup {
+    runs: Vec<Run>,
+    datas: Vec<Option<(Vec<u8>, [u8; 32])>>,
+}
+
+fn read_group(layers: &[Box<dyn Layer>], runs: Vec<Run>) -> Result<ReadGroup> {
+    let reqs: Vec<(usize, u64, u64)> = runs
+        .iter()
+        .filter_map(|r| r.source.map(|fo| (r.level, fo, r.len)))
+        .collect();
+    let mut read = read_pieces(layers, &reqs)?.into_iter();
+    let datas = runs
+        .iter()
+        .map(|r| {
+            r.source.map(|_| {
+                let d = read.next().expect("one read per sourced run");
+                let h = *blake3::hash(&d).as_bytes();
+                (d, h)
+            })
+        })
+        .collect();
+    Ok(ReadGroup { runs, datas })
+}
+
+/// The reader side of the apply pipeline. Sends each group, then the
+/// first error if any; stops when the writer has gone.
+fn read_groups(
+    chain: &Chain,
+    ancestor: usize,
+    tx: &std::sync::mpsc::SyncSender<Result<ReadGroup>>,
+) {
+    let mut group: Vec<Run> = Vec::new();
+    let mut group_bytes = 0u64;
+    let walked = for_each_run(chain, ancestor, |r| {
+        group_bytes += r.len;
+        group.push(r);
+        if group_bytes >= GROUP_BYTES || group.len() >= 4096 {
+            group_bytes = 0;
+            let g = read_group(&chain.layers, std::mem::take(&mut group))?;
+            tx.send(Ok(g))
+                .map_err(|_| Error::Invalid("the merge stopped writing".into()))?;
+        }
+        Ok(())
+    });
+    let last = walked.and_then(|()| read_group(&chain.layers, group));
+    // If the writer has gone its own error is the one reported.
+    let _ = tx.send(last);
+}
 
 /// Reads (level, file offset, length) pieces, merging the pieces of one
 /// file that lie within `READ_GAP` of each other into a single read: runs

@@ -251,6 +251,22 @@ pub fn check_writable(files: &[&Path], folders: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// Whether the file system holding `path` keeps unwritten ranges of a file
+/// as holes. FAT and exFAT do not (growing a file writes zeros); every
+/// Linux-native file system does.
+pub fn sparse_files(path: &Path) -> bool {
+    const MSDOS: u32 = 0x4d44;
+    const EXFAT: u32 = 0x2011_bab0;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match rustix::fs::statfs(dir) {
+        Ok(st) => !matches!(st.f_type as u32, MSDOS | EXFAT),
+        Err(_) => false,
+    }
+}
+
 /// Refuses when the folder of `path` has less than `needed` bytes free.
 pub fn check_space(path: &Path, needed: u64) -> Result<u64> {
     let dir = path
