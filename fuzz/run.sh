@@ -16,8 +16,12 @@ targets=(vhdx vhd log journal)
 [ "$target" = all ] || targets=("$target")
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t"
-    for s in seeds/"$t"/*.gz; do
-        gunzip -c "$s" > "corpus/$t/$(basename "$s" .gz)"
+    for s in seeds/"$t"/*.gz regressions/"$t"/*; do
+        [ -f "$s" ] || continue
+        case $s in
+            *.gz) gunzip -c "$s" > "corpus/$t/$(basename "$s" .gz)" ;;
+            *) cp "$s" "corpus/$t/" ;;
+        esac
     done
     # Inputs up to 8 MiB: the VHDX seeds are 4-6 MiB files.
     cargo +nightly fuzz run "$t" "corpus/$t" -- \

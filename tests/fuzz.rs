@@ -1,7 +1,8 @@
 //! The bounded fuzz that runs on stable in CI. The cargo-fuzz targets in
 //! `fuzz/` call the same entry points (`vhdmerge::fuzzing`) under
 //! libFuzzer; here they get (1) every seed of `fuzz/seeds/`, (2) every input
-//! a fuzzer once crashed on, kept in `fuzz/regressions/<target>/`, and
+//! a fuzzer once crashed on, kept in `fuzz/regressions/<target>/` (raw or
+//! gzip'd), and
 //! (3) proptest-chosen corruptions of the fields of every structure of the
 //! seeds, with the checksums made right (so the change reaches the parser
 //! behind them) or left wrong. Cases per target: `VHDMERGE_FUZZ_CASES`
@@ -23,16 +24,23 @@ fn files(dir: &str) -> Vec<PathBuf> {
     v
 }
 
+/// A file's bytes, gunzipped if its name ends in `.gz`.
+fn load(p: &Path) -> Vec<u8> {
+    if p.extension().is_some_and(|e| e == "gz") {
+        let mut data = Vec::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(p).unwrap())
+            .read_to_end(&mut data)
+            .unwrap();
+        data
+    } else {
+        std::fs::read(p).unwrap()
+    }
+}
+
 fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
     let v: Vec<_> = files(&format!("fuzz/seeds/{target}"))
         .into_iter()
-        .map(|p| {
-            let mut data = Vec::new();
-            flate2::read::GzDecoder::new(std::fs::File::open(&p).unwrap())
-                .read_to_end(&mut data)
-                .unwrap();
-            (p.file_name().unwrap().to_string_lossy().to_string(), data)
-        })
+        .map(|p| (p.file_name().unwrap().to_string_lossy().to_string(), load(&p)))
         .collect();
     assert!(!v.is_empty(), "no seeds for {target}");
     v
@@ -61,7 +69,7 @@ fn every_seed_and_regression_input_is_handled() {
         }
         for p in files(&format!("fuzz/regressions/{target}")) {
             eprintln!("{target}: regression {}", p.display());
-            f(&std::fs::read(&p).unwrap());
+            f(&load(&p));
             n += 1;
         }
     }
