@@ -8,6 +8,8 @@
 //! behind them) or left wrong. Cases per target: `VHDMERGE_FUZZ_CASES`
 //! (default 256).
 
+mod common;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -81,19 +83,9 @@ fn every_seed_and_regression_input_is_handled() {
 fn vhdx_fields(b: &[u8]) -> Vec<(usize, usize)> {
     let mut v = Vec::new();
     for h in [64usize << 10, 128 << 10] {
-        for (o, w) in [
-            (0, 4),
-            (8, 8),
-            (16, 16),
-            (32, 16),
-            (48, 16),
-            (64, 2),
-            (66, 2),
-        ] {
-            v.push((h + o, w));
+        for (o, w) in common::VHDX_HEADER_FIELDS {
+            v.push((h + o as usize, w));
         }
-        v.push((h + 68, 4));
-        v.push((h + 72, 8));
     }
     for r in [192usize << 10, 256 << 10] {
         v.push((r, 4));
@@ -166,17 +158,8 @@ fn vhd_fields(b: &[u8]) -> Vec<(usize, usize)> {
     }
     let d = u64::from_be_bytes(b[f + 16..f + 24].try_into().unwrap()) as usize;
     if d + 1024 <= b.len() {
-        for (o, w) in [
-            (0, 8),
-            (8, 8),
-            (16, 8),
-            (24, 4),
-            (28, 4),
-            (32, 4),
-            (40, 16),
-            (56, 4),
-        ] {
-            v.push((d + o, w));
+        for (o, w) in common::VHD_DYNAMIC_HEADER_FIELDS {
+            v.push((d + o as usize, w));
         }
         for k in 0..8 {
             for (o, w) in [(0, 4), (4, 4), (8, 4), (16, 8)] {

@@ -21,18 +21,7 @@ type Field = (&'static str, u64, usize);
 fn vhdx_fields(child: bool) -> Vec<Field> {
     let mut f: Vec<Field> = vec![("file identifier", 0, 8)];
     for (h, base) in [("header 1", 64u64 << 10), ("header 2", 128 << 10)] {
-        for (off, w) in [
-            (0, 4),
-            (4, 4),
-            (8, 8),
-            (16, 16),
-            (32, 16),
-            (48, 16),
-            (64, 2),
-            (66, 2),
-            (68, 4),
-            (72, 8),
-        ] {
+        for (off, w) in VHDX_HEADER_FIELDS {
             f.push((h, base + off, w));
         }
     }
@@ -116,17 +105,7 @@ fn vhd_fields(len: u64, child: bool) -> Vec<Field> {
             f.push((name, base + off, w));
         }
     }
-    for (off, w) in [
-        (0, 8),
-        (8, 8),
-        (16, 8),
-        (24, 4),
-        (28, 4),
-        (32, 4),
-        (36, 4),
-        (40, 16),
-        (64, 16),
-    ] {
+    for (off, w) in VHD_DYNAMIC_HEADER_FIELDS {
         f.push(("dynamic header", 512 + off, w));
     }
     if child {

@@ -554,47 +554,26 @@ pub fn execute(
         bytes += len;
     }
     groups.push(&copied[from..]);
-    for chunk in groups {
-        // Where each run lives in the ancestor's view now.
-        let mut reqs: Vec<(usize, u64, u64)> = Vec::new();
-        let mut layout: Vec<Vec<Option<u64>>> = Vec::new();
-        for &(offset, len, _) in chunk {
-            let mut parts = Vec::new();
-            let mut pos = offset;
-            while pos < offset + len {
-                let (level, ext, n) = after.resolve(0, pos, offset + len - pos)?;
-                match ext {
-                    Extent::Data(fo) => {
-                        reqs.push((level, fo, n));
-                        parts.push(None);
-                    }
-                    _ => parts.push(Some(n)),
-                }
-                pos += n;
-            }
-            layout.push(parts);
+    // Groups are checked on every core (each reads and hashes its own).
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    std::thread::scope(|scope| -> Result<()> {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let (groups, after, a_path) = (&groups, &after, &a_path);
+                scope.spawn(move || {
+                    groups
+                        .iter()
+                        .skip(w)
+                        .step_by(workers)
+                        .try_for_each(|chunk| verify_group(after, a_path, chunk))
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("a verifier thread panicked")?;
         }
-        let mut datas = read_pieces(&after.layers, &reqs)?.into_iter();
-        for (&(offset, len, hash), parts) in chunk.iter().zip(layout) {
-            let mut buf = Vec::with_capacity(len as usize);
-            for p in parts {
-                match p {
-                    None => buf.extend_from_slice(&datas.next().expect("one read per data part")),
-                    Some(zeros) => buf.resize(buf.len() + zeros as usize, 0),
-                }
-            }
-            if *blake3::hash(&buf).as_bytes() != hash {
-                return Err(Error::corrupt(
-                    &a_path,
-                    "merged data",
-                    offset,
-                    format!(
-                        "the {len} bytes copied here do not read back; the merge is committed but unverified: run `vhdmerge recover`"
-                    ),
-                ));
-            }
-        }
-    }
+        Ok(())
+    })?;
     let result = match expected {
         Some(_) => Some(crate::verify::content_digest(&after, |_| {})?.root),
         None => None,
@@ -628,6 +607,56 @@ const GROUP_BYTES: u64 = 8 << 20;
 const MAX_PENDING_METADATA: u64 = 4 << 20;
 /// Pieces of one file closer than this are read with one call.
 const READ_GAP: u64 = 64 << 10;
+
+/// Reads one group of copied runs back through the ancestor's view and
+/// matches each to the BLAKE3 recorded when it was copied.
+fn verify_group(after: &Chain, a_path: &Path, chunk: &[(u64, u64, [u8; 32])]) -> Result<()> {
+    // Where each run lives in the ancestor's view now.
+    let mut reqs: Vec<(usize, u64, u64)> = Vec::new();
+    let mut layout: Vec<Vec<Option<u64>>> = Vec::new();
+    for &(offset, len, _) in chunk {
+        let mut parts = Vec::new();
+        let mut pos = offset;
+        while pos < offset + len {
+            let (level, ext, n) = after.resolve(0, pos, offset + len - pos)?;
+            match ext {
+                Extent::Data(fo) => {
+                    reqs.push((level, fo, n));
+                    parts.push(None);
+                }
+                _ => parts.push(Some(n)),
+            }
+            pos += n;
+        }
+        layout.push(parts);
+    }
+    let mut datas = read_pieces(&after.layers, &reqs)?.into_iter();
+    for (&(offset, len, hash), parts) in chunk.iter().zip(layout) {
+        let mut hasher = blake3::Hasher::new();
+        for p in parts {
+            match p {
+                None => {
+                    hasher.update(&datas.next().expect("one read per data part"));
+                }
+                Some(zeros) => {
+                    let z = vec![0u8; zeros as usize];
+                    hasher.update(&z);
+                }
+            }
+        }
+        if *hasher.finalize().as_bytes() != hash {
+            return Err(Error::corrupt(
+                a_path,
+                "merged data",
+                offset,
+                format!(
+                    "the {len} bytes copied here do not read back; the merge is committed but unverified: run `vhdmerge recover`"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// Runs with their data and its BLAKE3 hash; `None` for runs with no
 /// source (zeros), which the writer handles.

@@ -222,3 +222,36 @@ impl Rng {
             .collect()
     }
 }
+
+/// The fields of a VHDX header (MS-VHDX 2.2.2) as (offset, width):
+/// signature, checksum, sequence, FileWriteGuid, DataWriteGuid, LogGuid,
+/// LogVersion, Version, LogLength, LogOffset.
+pub const VHDX_HEADER_FIELDS: [(u64, usize); 10] = [
+    (0, 4),
+    (4, 4),
+    (8, 8),
+    (16, 16),
+    (32, 16),
+    (48, 16),
+    (64, 2),
+    (66, 2),
+    (68, 4),
+    (72, 8),
+];
+
+/// The fields of a VHD dynamic disk header (VHD spec, "Dynamic Disk Header
+/// Format") as (offset, width): cookie, data offset, table offset, header
+/// version, max table entries, block size, checksum, parent unique id,
+/// parent time stamp, parent name (its start).
+pub const VHD_DYNAMIC_HEADER_FIELDS: [(u64, usize); 10] = [
+    (0, 8),
+    (8, 8),
+    (16, 8),
+    (24, 4),
+    (28, 4),
+    (32, 4),
+    (36, 4),
+    (40, 16),
+    (56, 4),
+    (64, 16),
+];
