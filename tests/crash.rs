@@ -75,6 +75,8 @@ struct Sim {
     cur: BTreeMap<String, Vec<u8>>,
     /// Indices of operations not yet made durable (content or folder).
     pending: Vec<usize>,
+    /// Changes whenever the durable state does (flush, folder sync, rename).
+    epoch: usize,
 }
 
 impl Sim {
@@ -84,10 +86,17 @@ impl Sim {
             exists: start.keys().cloned().collect(),
             cur: start.clone(),
             pending: Vec::new(),
+            epoch: 0,
         }
     }
 
     fn step(&mut self, ops: &[Op], i: usize) {
+        if matches!(
+            &ops[i],
+            Op::Flush { .. } | Op::SyncDir { .. } | Op::Rename { .. }
+        ) {
+            self.epoch += 1;
+        }
         match &ops[i] {
             Op::Write { path, offset, data } => {
                 let f = self.cur.entry(name(path)).or_default();
@@ -205,9 +214,30 @@ fn write_into(f: &mut Vec<u8>, offset: u64, data: &[u8]) {
 }
 
 /// The crash states to try at one operation index.
-fn variants(sim: &Sim, ops: &[Op], rng: &mut Rng, cap: usize, tears: usize) -> Vec<Files> {
+/// How to build one crash state from a `Sim` (see `Sim::crash_state`):
+/// cheap to list and compare, so that states are built one at a time and
+/// a recipe already tried on the same durable state is skipped unbuilt.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Recipe {
+    chosen: Vec<usize>,
+    torn: Option<usize>,
+    garbage: bool,
+}
+
+impl Recipe {
+    fn build(&self, sim: &Sim, ops: &[Op]) -> Files {
+        sim.crash_state(ops, &self.chosen, self.torn, self.garbage)
+    }
+}
+
+fn variants(sim: &Sim, ops: &[Op], rng: &mut Rng, cap: usize, tears: usize) -> Vec<Recipe> {
     let p = &sim.pending;
     let mut out = Vec::new();
+    let r = |chosen: &[usize], torn, garbage| Recipe {
+        chosen: chosen.to_vec(),
+        torn,
+        garbage,
+    };
     // (a) every prefix of the pending operations (sampled past the cap).
     let prefixes: Vec<usize> = if p.len() < cap {
         (0..=p.len()).collect()
@@ -218,7 +248,7 @@ fn variants(sim: &Sim, ops: &[Op], rng: &mut Rng, cap: usize, tears: usize) -> V
             .collect()
     };
     for k in prefixes {
-        out.push(sim.crash_state(ops, &p[..k], None, false));
+        out.push(r(&p[..k], None, false));
         // (c) torn: the next write cut at a sector boundary, old or garbage;
         // one random cut, or (full suite) up to 16 cuts spread over it.
         if k < p.len()
@@ -234,7 +264,7 @@ fn variants(sim: &Sim, ops: &[Op], rng: &mut Rng, cap: usize, tears: usize) -> V
             };
             for sectors in cuts {
                 for garbage in [false, true] {
-                    out.push(sim.crash_state(ops, &p[..=k], Some(sectors), garbage));
+                    out.push(r(&p[..=k], Some(sectors), garbage));
                 }
             }
         }
@@ -245,10 +275,10 @@ fn variants(sim: &Sim, ops: &[Op], rng: &mut Rng, cap: usize, tears: usize) -> V
             break;
         }
         let subset: Vec<usize> = p.iter().copied().filter(|_| rng.below(2) == 0).collect();
-        out.push(sim.crash_state(ops, &subset, None, false));
+        out.push(r(&subset, None, false));
         let mut rev = subset.clone();
         rev.reverse();
-        out.push(sim.crash_state(ops, &rev, None, true));
+        out.push(r(&rev, None, true));
     }
     out
 }
@@ -572,11 +602,16 @@ fn explore(s: &Scenario, p: Params) -> Totals {
         recovery_crashes: 0,
     };
     let mut seen = std::collections::HashSet::new();
+    let mut tried = std::collections::HashSet::new();
     let mut seen_second = std::collections::HashSet::new();
     let mut sim = Sim::new(&start);
     let crash_dir = scratch();
     for i in 0..=ops.len() {
-        for state in variants(&sim, &ops, &mut rng, p.cap, p.tears) {
+        for recipe in variants(&sim, &ops, &mut rng, p.cap, p.tears) {
+            if !tried.insert((sim.epoch, recipe.clone())) {
+                continue;
+            }
+            let state = recipe.build(&sim, &ops);
             if !seen.insert(fingerprint(&state)) {
                 continue;
             }
@@ -594,7 +629,7 @@ fn explore(s: &Scenario, p: Params) -> Totals {
                 }
             }
             totals.states += 1;
-            if totals.states.is_multiple_of(5000) {
+            if totals.states.is_multiple_of(2000) {
                 eprintln!(
                     "  ... {} states, operation {i} of {}",
                     totals.states,
@@ -657,7 +692,8 @@ fn crash_during_recovery(
             sim.step(&ops, i);
             continue;
         }
-        for second in variants(&sim, &ops, rng, 2, 1) {
+        for recipe in variants(&sim, &ops, rng, 2, 1) {
+            let second = recipe.build(&sim, &ops);
             if !seen.insert(fingerprint(&second)) {
                 continue;
             }
@@ -785,8 +821,8 @@ fn every_crash_state_recovers() {
         [(256 << 10, 0), (64 << 10, 12)]
             .map(|(batch_bytes, extra_writes)| Params {
                 cap: 32,
-                tears: 64,
-                recovery_every: 4,
+                tears: 16,
+                recovery_every: 8,
                 batch_bytes,
                 extra_writes,
             })
@@ -819,7 +855,14 @@ fn every_crash_state_recovers() {
                 .map(|(k, n)| (k.parse().unwrap(), n.parse().unwrap()))
                 .unwrap_or((0usize, 1usize));
             let mut totals = (0, 0);
-            for (s, p) in items.iter().skip(k).step_by(n) {
+            // Item i goes to shard (i + i / runs) % n: with two runs per
+            // scenario and two shards, each shard gets half of each kind.
+            let mine = items
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| (i + i / runs.len()) % n == k)
+                .map(|(_, item)| item);
+            for (s, p) in mine {
                 let t0 = std::time::Instant::now();
                 let t = explore(s, *p);
                 eprintln!(
@@ -835,7 +878,9 @@ fn every_crash_state_recovers() {
                 totals.1 += t.recovery_crashes;
             }
             // Read back by run_shards.
-            eprintln!("shard totals: {} {}", totals.0, totals.1);
+            if let Some(f) = std::env::var_os("VHDMERGE_CRASH_TOTALS") {
+                std::fs::write(f, format!("{} {}", totals.0, totals.1)).unwrap();
+            }
             totals
         }
     };
@@ -858,44 +903,27 @@ fn every_crash_state_recovers() {
 }
 
 /// Runs this test in one child process per core, each on its share of the
-/// scenarios; their output is passed through and their totals added.
+/// scenarios (their lines go straight to stderr), and adds up their totals.
 fn run_shards() -> (usize, usize) {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let dir = tempfile::tempdir().unwrap();
     let children: Vec<_> = (0..n)
         .map(|k| {
             std::process::Command::new(std::env::current_exe().unwrap())
                 .args(["every_crash_state_recovers", "--exact", "--nocapture"])
                 .env("VHDMERGE_CRASH_SHARD", format!("{k}/{n}"))
-                .stderr(std::process::Stdio::piped())
+                .env("VHDMERGE_CRASH_TOTALS", dir.path().join(k.to_string()))
+                .stdout(std::process::Stdio::null())
                 .spawn()
                 .unwrap()
         })
         .collect();
-    let outputs: Vec<_> = children
-        .into_iter()
-        .map(|c| {
-            let out = c.wait_with_output().unwrap();
-            (
-                out.status.success(),
-                String::from_utf8_lossy(&out.stderr).to_string(),
-            )
-        })
-        .collect();
     let mut totals = (0, 0);
-    for (k, (ok, err)) in outputs.iter().enumerate() {
-        for line in err
-            .lines()
-            .filter(|l| l.starts_with("crash states: ") && l.contains('['))
-        {
-            eprintln!("{line}");
-        }
-        assert!(ok, "shard {k}/{n} failed:\n{err}");
-        let last = err
-            .lines()
-            .filter_map(|l| l.strip_prefix("shard totals: "))
-            .next_back()
-            .expect("a shard prints its totals");
-        let mut it = last.split(' ').map(|v| v.parse::<usize>().unwrap());
+    for (k, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "shard {k}/{n} failed (see above)");
+        let t = std::fs::read_to_string(dir.path().join(k.to_string())).unwrap();
+        let mut it = t.split(' ').map(|v| v.parse::<usize>().unwrap());
         totals.0 += it.next().unwrap();
         totals.1 += it.next().unwrap();
     }
