@@ -42,7 +42,12 @@ fn load(p: &Path) -> Vec<u8> {
 fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
     let v: Vec<_> = files(&format!("fuzz/seeds/{target}"))
         .into_iter()
-        .map(|p| (p.file_name().unwrap().to_string_lossy().to_string(), load(&p)))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().to_string(),
+                load(&p),
+            )
+        })
         .collect();
     assert!(!v.is_empty(), "no seeds for {target}");
     v

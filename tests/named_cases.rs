@@ -429,3 +429,35 @@ fn ancestor_replaced_by_another_program_during_a_merge() {
     assert!(std::fs::read(d.join("b.vhdx")).unwrap() == *copy.borrow());
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// A parent locator can point anywhere; the path it names is only opened
+/// when it is a regular file. A device (through a symlink) or a FIFO in the
+/// parent's place is passed over (a FIFO opened for reading would block
+/// forever), and the error says where the parent was looked for.
+#[test]
+fn locator_into_a_device_or_a_fifo_is_not_followed() {
+    for kind in ["device", "fifo", "folder"] {
+        let d = tempfile::tempdir().unwrap();
+        let (b, c) = vhdx_chain(d.path());
+        std::fs::remove_file(&b).unwrap();
+        match kind {
+            "device" => std::os::unix::fs::symlink("/dev/zero", &b).unwrap(),
+            "fifo" => assert!(
+                std::process::Command::new("mkfifo")
+                    .arg(&b)
+                    .status()
+                    .unwrap()
+                    .success()
+            ),
+            _ => std::fs::create_dir(&b).unwrap(),
+        }
+        let o = std::process::Command::new("timeout")
+            .args(["20", env!("CARGO_BIN_EXE_vhdmerge"), "info"])
+            .arg(&c)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{kind}: {err}");
+        assert!(err.contains("b.vhdx"), "{kind}: {err}");
+    }
+}
