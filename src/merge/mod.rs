@@ -732,9 +732,14 @@ fn read_pieces(layers: &[Box<dyn Layer>], reqs: &[(usize, u64, u64)]) -> Result<
         }
         let mut buf = vec![0u8; (end - start) as usize];
         layers[level].read_data(start, &mut buf)?;
-        for &k in &order[i..j] {
-            let (_, fo, n) = reqs[k];
-            out[k] = buf[(fo - start) as usize..(fo - start + n) as usize].to_vec();
+        if j == i + 1 {
+            // One piece (whole blocks): the buffer is the piece, no copy.
+            out[order[i]] = buf;
+        } else {
+            for &k in &order[i..j] {
+                let (_, fo, n) = reqs[k];
+                out[k] = buf[(fo - start) as usize..(fo - start + n) as usize].to_vec();
+            }
         }
         i = j;
     }
