@@ -52,7 +52,9 @@ prepare() {
             $F "$d/l$i.avhdx" whole $((512 * MiB)) "$i" "$d/cmds$i"
             prev=l$i.avhdx
         done
-        echo $((2 * GiB)) > "$d/bytes"
+        # Every level rewrites the same 512 MiB (bench_fill's offsets do not
+        # depend on the seed), so the merge copies 512 MiB.
+        echo $((512 * MiB)) > "$d/bytes"
         ;;
     d)
         $V --quiet create "$d/base.vhd" --size $((4 * GiB)) > /dev/null
