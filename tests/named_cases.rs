@@ -461,3 +461,69 @@ fn locator_into_a_device_or_a_fifo_is_not_followed() {
         assert!(err.contains("b.vhdx"), "{kind}: {err}");
     }
 }
+
+/// A chain whose merge was stopped mid-apply (`--batch 4K`, so the journal
+/// holds Begin, before-images and Copy records): (folder, ancestor).
+fn interrupted_merge() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let (b, c) = vhdx_chain(d.path());
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
+        .args(["--quiet", "merge", "--batch", "4K"])
+        .arg(&c)
+        .env("VHDMERGE_FAIL_AT", "mid-apply")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    (d, b)
+}
+
+/// `recover` on the folder fails with `needle` and changes nothing.
+fn recover_refused(dir: &Path, b: &Path, needle: &str) {
+    let before = files(dir);
+    let o = vhdmerge(&["recover", b.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains(needle), "{err}");
+    assert_eq!(files(dir), before, "recover wrote something");
+}
+
+/// Journal frames: magic (4), version (2), kind (2), sequence (8),
+/// length (4), CRC-32C (4) of the 20 header bytes and the payload.
+fn frames(j: &[u8]) -> Vec<(usize, usize)> {
+    let mut v = Vec::new();
+    let mut at = 0;
+    while at + 24 <= j.len() {
+        let len = u32::from_le_bytes(j[at + 16..at + 20].try_into().unwrap()) as usize;
+        v.push((at, 24 + len));
+        at += 24 + len;
+    }
+    v
+}
+
+#[test]
+fn a_journal_written_by_a_newer_version() {
+    let (d, b) = interrupted_merge();
+    let jp = vhdmerge::journal::path_for(&b);
+    let mut j = std::fs::read(&jp).unwrap();
+    // Every frame says version 2, with its checksum made right.
+    for (at, n) in frames(&j) {
+        j[at + 4..at + 6].copy_from_slice(&2u16.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&j[at..at + 20]), &j[at + 24..at + n]);
+        j[at + 20..at + 24].copy_from_slice(&crc.to_le_bytes());
+    }
+    std::fs::write(&jp, &j).unwrap();
+    recover_refused(d.path(), &b, "newer vhdmerge");
+}
+
+#[test]
+fn a_journal_corrupt_before_its_tail() {
+    let (d, b) = interrupted_merge();
+    let jp = vhdmerge::journal::path_for(&b);
+    let mut j = std::fs::read(&jp).unwrap();
+    let f = frames(&j);
+    assert!(f.len() >= 3, "the journal has {} records", f.len());
+    // One byte of the second record's payload: valid records follow it.
+    let (at, _) = f[1];
+    j[at + 30] ^= 0x40;
+    std::fs::write(&jp, &j).unwrap();
+    recover_refused(d.path(), &b, "corrupted, not torn");
+}

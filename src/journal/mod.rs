@@ -113,7 +113,11 @@ pub struct Loaded {
 /// file (every write waits for Begin) and the journal can simply go.
 pub fn load_if_begun(path: &Path) -> Result<Option<Loaded>> {
     let buf = std::fs::read(path).map_err(|e| Error::io(path, "reading the journal", e))?;
-    if decode_at(&buf, 0, 0).is_err() && find_valid_frame(&buf, 0).is_none() {
+    // A frame of a newer version is valid (its checksum matched), not a
+    // sign that nothing began: `decode` refuses it with the version.
+    if decode_at(&buf, 0, 0).is_err_and(|f| !matches!(f, FrameFault::NewerVersion(_)))
+        && find_valid_frame(&buf, 0).is_none()
+    {
         return Ok(None);
     }
     load(path).map(Some)
@@ -197,7 +201,10 @@ fn find_valid_frame(buf: &[u8], from: usize) -> Option<usize> {
                 return Some(i);
             }
             let seq = u64::from_le_bytes(buf[i + 8..i + 16].try_into().expect("8"));
-            if decode_at(buf, i, seq).is_ok() {
+            if matches!(
+                decode_at(buf, i, seq),
+                Ok(_) | Err(FrameFault::NewerVersion(_))
+            ) {
                 return Some(i);
             }
         }
