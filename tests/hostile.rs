@@ -143,24 +143,6 @@ struct Totals {
     writes_to_refused: Vec<String>,
 }
 
-fn digest_dir(dir: &Path) -> Vec<(String, String)> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().to_string(),
-                blake3::hash(&std::fs::read(&p).unwrap())
-                    .to_hex()
-                    .to_string(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 /// Runs vhdmerge under a time limit (20 s) and an address-space limit (2 GiB).
 fn bounded(args: &[&str]) -> std::process::Output {
     Command::new("timeout")
@@ -208,7 +190,7 @@ fn sweep_one(dir: &Path, target: &Path, top: &Path, label: &str, t: &mut Totals)
     }
     let _ = std::fs::remove_file(&out);
     // A merge: refused (nothing written) or correct.
-    let before = digest_dir(dir);
+    let before = folder_digests(dir);
     let view = Chain::open(top, &ChainOptions::default())
         .ok()
         .and_then(|c| {
@@ -228,7 +210,7 @@ fn sweep_one(dir: &Path, target: &Path, top: &Path, label: &str, t: &mut Totals)
         t.hangs.push(format!("{label}: merge killed by a signal"));
     } else if !o.status.success() {
         t.errors += 1;
-        if digest_dir(dir) != before {
+        if folder_digests(dir) != before {
             t.writes_to_refused.push(format!("{label}: {}", err.trim()));
         }
     } else if let Some(v) = view {

@@ -408,7 +408,7 @@ fn real_chains_merge_to_expected_digests() {
         .iter()
         .map(|r| materialize(&corpus, r, dir.path()))
         .collect();
-    let before = snapshot(dir.path());
+    let before = folder_digests(dir.path());
     let o = vhdmerge(&["merge", files[0].to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(
@@ -416,25 +416,7 @@ fn real_chains_merge_to_expected_digests() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert_eq!(snapshot(dir.path()), before);
-}
-
-/// Every file in a folder with the BLAKE3 of its bytes.
-fn snapshot(dir: &Path) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
-            (
-                p.file_name().unwrap().to_string_lossy().to_string(),
-                blake3::hash(&std::fs::read(&p).unwrap())
-                    .to_hex()
-                    .to_string(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
+    assert_eq!(folder_digests(dir.path()), before);
 }
 
 fn run_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
@@ -474,7 +456,7 @@ fn interrupted_merges_recover_at_every_phase() {
         let pristine = tempfile::tempdir().unwrap();
         let child = recovery_fixture(pristine.path(), vhdx);
         let child_name = child.file_name().unwrap().to_str().unwrap().to_string();
-        let start = snapshot(pristine.path());
+        let start = folder_digests(pristine.path());
         // The uninterrupted merge, for byte-for-byte comparison.
         let clean = tempfile::tempdir().unwrap();
         copy_dir(pristine.path(), clean.path());
@@ -488,7 +470,7 @@ fn interrupted_merges_recover_at_every_phase() {
             &seed,
         );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let finished = snapshot(clean.path());
+        let finished = folder_digests(clean.path());
         let base = if vhdx { "l0.vhdx" } else { "l0.vhd" };
         let phases = [
             "after-begin",
@@ -524,7 +506,7 @@ fn interrupted_merges_recover_at_every_phase() {
                     args.push("--rollback");
                 }
                 let r = run_env(&args, &seed);
-                let after = snapshot(dir.path());
+                let after = folder_digests(dir.path());
                 if phase == "mid-cleanup" && rollback {
                     assert!(
                         !r.status.success(),
@@ -532,7 +514,11 @@ fn interrupted_merges_recover_at_every_phase() {
                     );
                     let r = run_env(&["recover", b.to_str().unwrap()], &seed);
                     assert!(r.status.success());
-                    assert_eq!(snapshot(dir.path()), finished, "{phase}: finished result");
+                    assert_eq!(
+                        folder_digests(dir.path()),
+                        finished,
+                        "{phase}: finished result"
+                    );
                 } else if committed.contains(&phase) && !rollback {
                     assert!(
                         r.status.success(),
@@ -587,7 +573,7 @@ fn interrupted_merges_recover_at_every_phase() {
             let r = run_env(&["recover", b.to_str().unwrap()], &[]);
             assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
             assert_eq!(
-                snapshot(dir.path()),
+                folder_digests(dir.path()),
                 start,
                 "{merge_at}/{recover_at}: second recovery must finish the rollback"
             );
@@ -621,18 +607,18 @@ fn refusals_leave_every_byte_alone() {
     // A sibling: another child of the ancestor.
     let sib = dir.path().join("sibling.avhdx");
     create::create_child(&sib, &paths[0], None).unwrap();
-    let before = snapshot(dir.path());
+    let before = folder_digests(dir.path());
     let o = vhdmerge(&["merge", &child]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("sibling.avhdx") && err.contains("--force"),
         "{err}"
     );
-    assert_eq!(snapshot(dir.path()), before);
+    assert_eq!(folder_digests(dir.path()), before);
     std::fs::remove_file(&sib).unwrap();
 
     // A lock held by someone else.
-    let before = snapshot(dir.path());
+    let before = folder_digests(dir.path());
     let f = std::fs::File::open(&paths[0]).unwrap();
     fs2::FileExt::try_lock_exclusive(&f).unwrap();
     let o = vhdmerge(&["merge", &child]);
@@ -642,19 +628,19 @@ fn refusals_leave_every_byte_alone() {
         "{err}"
     );
     drop(f);
-    assert_eq!(snapshot(dir.path()), before);
+    assert_eq!(folder_digests(dir.path()), before);
 
     // A pending journal from an interrupted merge.
     let o = run_env(&["merge", &child], &[("VHDMERGE_FAIL_AT", "after-begin")]);
     assert!(!o.status.success());
-    let before = snapshot(dir.path());
+    let before = folder_digests(dir.path());
     let o = vhdmerge(&["merge", &child]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("vhdmerge recover"),
         "{err}"
     );
-    assert_eq!(snapshot(dir.path()), before);
+    assert_eq!(folder_digests(dir.path()), before);
     ok(&["recover", paths[0].to_str().unwrap()]);
 
     // Not enough free space: a child whose blocks, once merged, need more

@@ -10,23 +10,6 @@ use common::*;
 use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
 use vhdmerge::{Chain, ChainOptions};
 
-fn files(dir: &Path) -> Vec<(String, String)> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().to_string(),
-                blake3::hash(&std::fs::read(&p).unwrap())
-                    .to_hex()
-                    .to_string(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 fn vhdx_chain(dir: &Path) -> (PathBuf, PathBuf) {
     let b = dir.join("b.vhdx");
     let c = dir.join("c.avhdx");
@@ -55,7 +38,7 @@ fn vhdx_chain(dir: &Path) -> (PathBuf, PathBuf) {
 
 /// `merge` and `info` on `top` fail with `needle`, and nothing in `dir` changes.
 fn refused(dir: &Path, top: &Path, needle: &str) {
-    let before = files(dir);
+    let before = folder_digests(dir);
     for cmd in ["info", "merge"] {
         let o = vhdmerge(&[cmd, top.to_str().unwrap()]);
         let err = String::from_utf8_lossy(&o.stderr);
@@ -66,7 +49,11 @@ fn refused(dir: &Path, top: &Path, needle: &str) {
             "{cmd}: the message names no file: {err}"
         );
     }
-    assert_eq!(files(dir), before, "a refused command changed a file");
+    assert_eq!(
+        folder_digests(dir),
+        before,
+        "a refused command changed a file"
+    );
 }
 
 #[test]
@@ -196,14 +183,14 @@ fn a_log_that_does_not_replay() {
     h.log_guid = g;
     f[HEADER_OFFSETS[slot] as usize..][..4096].copy_from_slice(&h.encode());
     std::fs::write(&b, f).unwrap();
-    let before = files(d.path());
+    let before = folder_digests(d.path());
     let o = vhdmerge(&["info", b.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("the file was truncated") && err.contains("log"),
         "{err}"
     );
-    assert_eq!(files(d.path()), before);
+    assert_eq!(folder_digests(d.path()), before);
 }
 
 #[test]
@@ -222,14 +209,14 @@ fn a_journal_that_belongs_to_other_files() {
     let other = tempfile::tempdir().unwrap();
     let (b2, _) = vhdx_chain(other.path());
     std::fs::copy(&journal, vhdmerge::journal::path_for(&b2)).unwrap();
-    let before = files(other.path());
+    let before = folder_digests(other.path());
     let o = vhdmerge(&["recover", b2.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("the journal belongs to other files"),
         "{err}"
     );
-    assert_eq!(files(other.path()), before);
+    assert_eq!(folder_digests(other.path()), before);
 }
 
 /// Regression (found by tests/crash.rs): a rollback of a committed merge,
@@ -240,7 +227,7 @@ fn a_journal_that_belongs_to_other_files() {
 fn regression_rollback_interrupted_after_truncation() {
     let d = tempfile::tempdir().unwrap();
     let (b, c) = vhdx_chain(d.path());
-    let start = files(d.path());
+    let start = folder_digests(d.path());
     let run = |args: &[&str], fail: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
             .arg("--quiet")
@@ -273,7 +260,7 @@ fn regression_rollback_interrupted_after_truncation() {
         .set_len(begin.files[0].length)
         .unwrap();
     ok(&["recover", b.to_str().unwrap()]);
-    assert_eq!(files(d.path()), start);
+    assert_eq!(folder_digests(d.path()), start);
 }
 
 /// Runs the binary as an unprivileged user when the tests run as root
@@ -307,7 +294,7 @@ fn read_only_ancestor() {
     let d = tempfile::tempdir().unwrap();
     let (b, c) = vhdx_chain(d.path());
     set_mode(&b, 0o444);
-    let before = files(d.path());
+    let before = folder_digests(d.path());
     let o = run_unprivileged(d.path(), &["merge", c.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
@@ -317,7 +304,7 @@ fn read_only_ancestor() {
             && err.contains("chmod"),
         "{err}"
     );
-    assert_eq!(files(d.path()), before, "something was written");
+    assert_eq!(folder_digests(d.path()), before, "something was written");
 }
 
 #[test]
@@ -326,7 +313,7 @@ fn folder_without_write_permission() {
     let sub = d.path().join("disks");
     std::fs::create_dir(&sub).unwrap();
     let (_, c) = vhdx_chain(&sub);
-    let before = files(&sub);
+    let before = folder_digests(&sub);
     // The folder belongs to the user but is read-only to it.
     let o = {
         set_mode(&sub, 0o555);
@@ -340,7 +327,7 @@ fn folder_without_write_permission() {
         err.contains("disks") && err.contains("folder is not writable"),
         "{err}"
     );
-    assert_eq!(files(&sub), before, "something was written");
+    assert_eq!(folder_digests(&sub), before, "something was written");
 }
 
 /// Starts `merge` paused after its first durable batch; `act` plays the
@@ -383,7 +370,7 @@ fn source_grown_by_another_program_during_a_merge() {
     let d = interfered(
         |_, c, _| {
             // As a VM still running on the checkpoint would: the child grows.
-            *start.borrow_mut() = files(c.parent().unwrap());
+            *start.borrow_mut() = folder_digests(c.parent().unwrap());
             let f = std::fs::OpenOptions::new().append(true).open(c).unwrap();
             f.write_all_at(&[1u8; 4096], std::fs::metadata(c).unwrap().len())
                 .unwrap();
@@ -392,7 +379,7 @@ fn source_grown_by_another_program_during_a_merge() {
     );
     // Rolled back: the ancestor as it was, the child as the other program
     // left it, no journal.
-    let now = files(&d);
+    let now = folder_digests(&d);
     let was = start.borrow();
     let get = |v: &[(String, String)], n: &str| v.iter().find(|(k, _)| k == n).cloned();
     assert!(get(&now, "b.vhdx.vhdmerge-journal").is_none());
@@ -479,11 +466,11 @@ fn interrupted_merge() -> (tempfile::TempDir, PathBuf) {
 
 /// `recover` on the folder fails with `needle` and changes nothing.
 fn recover_refused(dir: &Path, b: &Path, needle: &str) {
-    let before = files(dir);
+    let before = folder_digests(dir);
     let o = vhdmerge(&["recover", b.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains(needle), "{err}");
-    assert_eq!(files(dir), before, "recover wrote something");
+    assert_eq!(folder_digests(dir), before, "recover wrote something");
 }
 
 /// Journal frames: magic (4), version (2), kind (2), sequence (8),

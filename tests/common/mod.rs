@@ -255,3 +255,23 @@ pub const VHD_DYNAMIC_HEADER_FIELDS: [(u64, usize); 10] = [
     (56, 4),
     (64, 16),
 ];
+
+/// Every regular file in a folder with the BLAKE3 of its bytes, by name:
+/// what tests compare to show that nothing was written.
+pub fn folder_digests(dir: &Path) -> Vec<(String, String)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().to_string(),
+                blake3::hash(&std::fs::read(&p).unwrap())
+                    .to_hex()
+                    .to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
