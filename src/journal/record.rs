@@ -52,6 +52,10 @@ pub enum Record {
     BeforeImage {
         file: u32,
         offset: u64,
+        /// As bytes, not a sequence of u8: the same encoding in bincode's
+        /// legacy configuration (u64 length, then the bytes), but decoded
+        /// in one copy instead of a call per byte.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// Redo information for one run of guest data copied into the ancestor:
