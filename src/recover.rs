@@ -247,8 +247,20 @@ fn undo(
             restore(*off, data)?;
             io.flush().map_err(|e| Error::io(p, "flushing", e))?;
         }
+        // The rest in record order, runs of adjacent images as one write
+        // (they are journaled a page at a time).
+        let mut run: (u64, Vec<u8>) = (0, Vec::new());
         for (off, data) in list.iter().filter(|(o, _)| *o >= HEADER_SECTION) {
-            restore(*off, data)?;
+            if run.1.is_empty() || run.0 + run.1.len() as u64 != *off || run.1.len() >= 1 << 20 {
+                if !run.1.is_empty() {
+                    restore(run.0, &run.1)?;
+                }
+                run = (*off, Vec::new());
+            }
+            run.1.extend_from_slice(data);
+        }
+        if !run.1.is_empty() {
+            restore(run.0, &run.1)?;
         }
         merge::failpoint("mid-rollback");
         let len = io.len().map_err(|e| Error::io(p, "reading size", e))?;
