@@ -505,6 +505,10 @@ pub mod trace {
         count: usize,
         fault: Option<(usize, Fault)>,
         skip_sync: bool,
+        /// Canonical form of each folder seen: resolving a path costs a
+        /// readlink per component, and the crash tests trace millions of
+        /// operations in a handful of folders.
+        folders: std::collections::HashMap<PathBuf, PathBuf>,
     }
 
     static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -524,6 +528,7 @@ pub mod trace {
             count: 0,
             fault,
             skip_sync,
+            folders: Default::default(),
         });
     }
 
@@ -554,16 +559,22 @@ pub mod trace {
             return Ok(());
         };
         let p = op.path();
-        let abs = std::fs::canonicalize(p)
-            .or_else(|_| {
-                p.parent()
-                    .map(|d| {
-                        std::fs::canonicalize(d).map(|d| d.join(p.file_name().unwrap_or_default()))
-                    })
-                    .unwrap_or(Ok(p.to_path_buf()))
-            })
-            .unwrap_or_else(|_| p.to_path_buf());
-        if !abs.starts_with(&s.root) {
+        let folder = match p.parent() {
+            Some(f) if !f.as_os_str().is_empty() => f,
+            _ => Path::new("."),
+        };
+        let canon = match s.folders.get(folder) {
+            Some(c) => c.clone(),
+            None => {
+                let c = std::fs::canonicalize(folder).unwrap_or_else(|_| folder.to_path_buf());
+                s.folders.insert(folder.to_path_buf(), c.clone());
+                c
+            }
+        };
+        if !canon
+            .join(p.file_name().unwrap_or_default())
+            .starts_with(&s.root)
+        {
             return Ok(());
         }
         let index = s.count;
