@@ -263,26 +263,12 @@ fn make_chain(dir: &Path, vhdx: bool) -> (PathBuf, PathBuf) {
         )
         .unwrap();
     }
-    let mut ch = Chain::open(
-        &b,
-        &ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut ch = common::open_writable(&b);
     ch.write(0, &[1u8; 3 << 20]).unwrap();
     ch.close().unwrap();
     drop(ch);
     create::create_child(&c, &b, None).unwrap();
-    let mut ch = Chain::open(
-        &c,
-        &ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut ch = common::open_writable(&c);
     ch.write(512, &[2u8; 5000]).unwrap();
     ch.write(5 << 20, &[3u8; 1 << 20]).unwrap();
     ch.close().unwrap();

@@ -9,7 +9,6 @@ use std::process::Command;
 
 use common::*;
 use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
-use vhdmerge::{Chain, ChainOptions};
 
 fn run(cmd: &mut Command) -> String {
     let o = cmd.output().unwrap();
@@ -39,14 +38,7 @@ fn qemu_check(file: &Path) {
 
 /// Random writes of random lengths (aligned to `align`) into the top of a chain.
 fn scribble(top: &Path, rng: &mut Rng, writes: usize, align: u64) {
-    let mut chain = Chain::open(
-        top,
-        &ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut chain = common::open_writable(top);
     let size = chain.virtual_size();
     for _ in 0..writes {
         let len = (1 + rng.below(300_000)).next_multiple_of(align).min(size);

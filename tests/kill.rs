@@ -56,28 +56,14 @@ fn build(dir: &Path, vhdx: bool) -> (PathBuf, PathBuf) {
     }
     let mut rng = Rng(1);
     let chunk = rng.bytes(4 << 20);
-    let mut c = Chain::open(
-        &base,
-        &ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut c = common::open_writable(&base);
     for i in 0..64u64 {
         c.write(i * (16 << 20), &chunk).unwrap();
     }
     c.close().unwrap();
     drop(c);
     create::create_child(&child, &base, None).unwrap();
-    let mut c = Chain::open(
-        &child,
-        &ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut c = common::open_writable(&child);
     let other = rng.bytes(1 << 20);
     for i in 0..256u64 {
         // Half over the base's data (overwrites), half into new blocks.

@@ -84,14 +84,7 @@ fn build(
         } else {
             create::create_child(&path, &paths[i - 1], Some(bs)).unwrap();
         }
-        let mut chain = Chain::open(
-            &path,
-            &ChainOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let mut chain = common::open_writable(&path);
         for &(off, len, fill) in &lv.writes {
             let off = (off * 37) % size;
             let len = len.min(size - off);
@@ -247,14 +240,7 @@ fn fixed_and_differencing_ancestors() {
             if fixed_vhdx { "vhdx" } else { "vhd" }
         ));
         create::create_child(&child, &base, None).unwrap();
-        let mut c = Chain::open(
-            &child,
-            &ChainOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let mut c = common::open_writable(&child);
         c.write(3 << 20, &rng.bytes(2 << 20)).unwrap();
         c.write(12345, &rng.bytes(5000)).unwrap();
         c.close().unwrap();
@@ -289,14 +275,7 @@ fn fixed_and_differencing_ancestors() {
         },
     )
     .unwrap();
-    let mut c = Chain::open(
-        &base,
-        &ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut c = common::open_writable(&base);
     c.write(0, &vec![0x55; 16 << 20]).unwrap();
     c.close().unwrap();
     drop(c);
@@ -304,14 +283,7 @@ fn fixed_and_differencing_ancestors() {
     let top = dir.path().join("top.avhdx");
     create::create_child(&mid, &base, None).unwrap();
     create::create_child(&top, &mid, None).unwrap();
-    let mut c = Chain::open(
-        &top,
-        &ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut c = common::open_writable(&top);
     c.write(1000 * 512, &vec![0x66; 512 * 3]).unwrap();
     c.close().unwrap();
     drop(c);
@@ -661,14 +633,7 @@ fn refusals_leave_every_byte_alone() {
     .unwrap();
     let bigc = dir.path().join("big.avhdx");
     create::create_child(&bigc, &big, None).unwrap();
-    let mut c = Chain::open(
-        &bigc,
-        &ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut c = common::open_writable(&bigc);
     for b in 0..blocks {
         c.write(b * bs, &[7u8; 512]).unwrap();
     }

@@ -74,14 +74,7 @@ fn run_case(
             };
             create::create_child(&path, &paths[i - 1], Some(bs)).unwrap();
         }
-        let mut chain = Chain::open(
-            &path,
-            &ChainOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let mut chain = common::open_writable(&path);
         for &(off, len, fill) in &lv.writes {
             let off = (off * 37) % size;
             let len = len.min(size - off);

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
-use vhdmerge::{Chain, ChainOptions};
 
 fn vhdx_chain(dir: &Path) -> (PathBuf, PathBuf) {
     let b = dir.join("b.vhdx");
@@ -23,14 +22,7 @@ fn vhdx_chain(dir: &Path) -> (PathBuf, PathBuf) {
     )
     .unwrap();
     create::create_child(&c, &b, None).unwrap();
-    let mut ch = Chain::open(
-        &c,
-        &ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut ch = common::open_writable(&c);
     ch.write(4096, &[9u8; 8192]).unwrap();
     ch.close().unwrap();
     (b, c)

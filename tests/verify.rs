@@ -7,7 +7,6 @@ use std::path::Path;
 use common::*;
 use vhdmerge::disk::Extent;
 use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
-use vhdmerge::{Chain, ChainOptions};
 
 fn content(path: &Path) -> String {
     let out = ok(&["hash", path.to_str().unwrap()]);
@@ -17,14 +16,7 @@ fn content(path: &Path) -> String {
 /// Copies the guest-visible bytes of `raw` into a new disk at `path`.
 fn fill_from_raw(raw: &Path, path: &Path) {
     let data = std::fs::read(raw).unwrap();
-    let mut c = Chain::open(
-        path,
-        &ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut c = common::open_writable(path);
     for (i, chunk) in data.chunks(1 << 20).enumerate() {
         if chunk.iter().any(|&b| b != 0) {
             c.write((i as u64) << 20, chunk).unwrap();
@@ -50,27 +42,13 @@ fn content_digest_ignores_format_block_size_and_chain_shape() {
     .unwrap();
     let child = dir.path().join("child.avhdx");
     {
-        let mut c = Chain::open(
-            &base,
-            &ChainOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let mut c = common::open_writable(&base);
         c.write(0, &rng.bytes(3 << 20)).unwrap();
         c.close().unwrap();
     }
     create::create_child(&child, &base, Some(1 << 20)).unwrap();
     {
-        let mut c = Chain::open(
-            &child,
-            &ChainOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let mut c = common::open_writable(&child);
         c.write(1_000_003, &rng.bytes(100_000)).unwrap();
         c.write(30 << 20, &rng.bytes(777_777)).unwrap();
         c.close().unwrap();
@@ -162,14 +140,7 @@ fn verify_names_the_corrupted_range() {
             .unwrap();
         }
         {
-            let mut c = Chain::open(
-                &p,
-                &ChainOptions {
-                    writable: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+            let mut c = common::open_writable(&p);
             c.write(0, &rng.bytes(20 << 20)).unwrap();
             c.close().unwrap();
         }
@@ -238,28 +209,14 @@ fn check_names_damaged_structures() {
     )
     .unwrap();
     {
-        let mut c = Chain::open(
-            &base,
-            &ChainOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let mut c = common::open_writable(&base);
         c.write(0, &[1u8; 3 << 20]).unwrap();
         c.close().unwrap();
     }
     let child = dir.path().join("child.avhdx");
     create::create_child(&child, &base, None).unwrap();
     {
-        let mut c = Chain::open(
-            &child,
-            &ChainOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let mut c = common::open_writable(&child);
         c.write(512, &[2u8; 1024]).unwrap();
         c.close().unwrap();
     }

@@ -275,3 +275,15 @@ pub fn folder_digests(dir: &Path) -> Vec<(String, String)> {
     v.sort();
     v
 }
+
+/// Opens the chain whose top is `path` for writing.
+pub fn open_writable(path: impl AsRef<Path>) -> vhdmerge::Chain {
+    vhdmerge::Chain::open(
+        path.as_ref(),
+        &vhdmerge::ChainOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
