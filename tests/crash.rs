@@ -11,276 +11,24 @@
 //! `VHDMERGE_CRASH_FULL=1` (see README) for the full suite (100,000+).
 
 mod common;
+#[path = "crash/sim.rs"]
+mod sim;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use common::Rng;
+use sim::{Files, Scratch, Sim, fingerprint, name, snapshot, variants};
 use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
 use vhdmerge::io::trace::{self, Fault, Op};
 use vhdmerge::merge::{self, MergeOptions};
 use vhdmerge::recover::{self, Outcome};
-use vhdmerge::{Chain, ChainOptions};
-
-type Files = BTreeMap<String, Vec<u8>>;
 
 /// Tracing and the GUID seed are process-wide: one test at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn name(p: &Path) -> String {
-    p.file_name().unwrap().to_string_lossy().to_string()
-}
-
-fn snapshot(dir: &Path) -> Files {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| (name(&p), std::fs::read(&p).unwrap()))
-        .collect()
-}
-
-/// Writes `files` into `dir` (emptied first), sparsely: the images are mostly zeros.
-fn materialize(files: &Files, dir: &Path) {
-    use std::os::unix::fs::FileExt;
-    for e in std::fs::read_dir(dir).unwrap() {
-        std::fs::remove_file(e.unwrap().path()).unwrap();
-    }
-    for (n, data) in files {
-        let f = std::fs::File::create(dir.join(n)).unwrap();
-        f.set_len(data.len() as u64).unwrap();
-        for (i, page) in data.chunks(64 << 10).enumerate() {
-            if !is_zero(page) {
-                f.write_all_at(page, (i as u64) << 16).unwrap();
-            }
-        }
-    }
-}
-
-/// Whether `b` (at most 64 KiB) is all zeros; a memcmp against a zero page,
-/// far faster than a byte loop over images that are mostly zeros.
-fn is_zero(b: &[u8]) -> bool {
-    static ZERO: [u8; 64 << 10] = [0; 64 << 10];
-    b == &ZERO[..b.len()]
-}
-
-/// Durable and pending state after a prefix of the operations.
-struct Sim {
-    durable: BTreeMap<String, Vec<u8>>,
-    exists: BTreeSet<String>,
-    cur: BTreeMap<String, Vec<u8>>,
-    /// Indices of operations not yet made durable (content or folder).
-    pending: Vec<usize>,
-    /// Changes whenever the durable state does (flush, folder sync, rename).
-    epoch: usize,
-}
-
-impl Sim {
-    fn new(start: &Files) -> Sim {
-        Sim {
-            durable: start.clone(),
-            exists: start.keys().cloned().collect(),
-            cur: start.clone(),
-            pending: Vec::new(),
-            epoch: 0,
-        }
-    }
-
-    fn step(&mut self, ops: &[Op], i: usize) {
-        if matches!(
-            &ops[i],
-            Op::Flush { .. } | Op::SyncDir { .. } | Op::Rename { .. }
-        ) {
-            self.epoch += 1;
-        }
-        match &ops[i] {
-            Op::Write { path, offset, data } => {
-                let f = self.cur.entry(name(path)).or_default();
-                write_into(f, *offset, data);
-                self.pending.push(i);
-            }
-            Op::SetLen { path, len } => {
-                self.cur
-                    .entry(name(path))
-                    .or_default()
-                    .resize(*len as usize, 0);
-                self.pending.push(i);
-            }
-            Op::Flush { path } => {
-                let n = name(path);
-                self.durable
-                    .insert(n.clone(), self.cur.get(&n).cloned().unwrap_or_default());
-                self.pending.retain(|&j| !matches!(&ops[j], Op::Write { path: p, .. } | Op::SetLen { path: p, .. } if name(p) == n));
-            }
-            Op::Create { path } => {
-                self.cur.insert(name(path), Vec::new());
-                self.pending.push(i);
-            }
-            Op::Remove { path } => {
-                self.cur.remove(&name(path));
-                self.pending.push(i);
-            }
-            Op::Rename { from, to } => {
-                if let Some(d) = self.cur.remove(&name(from)) {
-                    self.cur.insert(name(to), d);
-                }
-                if let Some(d) = self.durable.remove(&name(from)) {
-                    self.durable.insert(name(to), d);
-                }
-                self.pending.push(i);
-            }
-            Op::SyncDir { .. } => {
-                self.exists = self.cur.keys().cloned().collect();
-                self.pending
-                    .retain(|&j| matches!(&ops[j], Op::Write { .. } | Op::SetLen { .. }));
-            }
-        }
-    }
-
-    /// The files after a crash in which exactly `chosen` (in order) of the
-    /// pending operations reached the disk; `torn` cuts the last chosen
-    /// write after that many 512-byte sectors, `garbage` fills lost parts.
-    fn crash_state(
-        &self,
-        ops: &[Op],
-        chosen: &[usize],
-        torn: Option<usize>,
-        garbage: bool,
-    ) -> Files {
-        let mut files: Files = self
-            .exists
-            .iter()
-            .map(|n| (n.clone(), self.durable.get(n).cloned().unwrap_or_default()))
-            .collect();
-        for (k, &j) in chosen.iter().enumerate() {
-            let last = k + 1 == chosen.len();
-            match &ops[j] {
-                Op::Write { path, offset, data } => {
-                    let Some(f) = files.get_mut(&name(path)) else {
-                        continue;
-                    };
-                    match (last, torn) {
-                        (true, Some(sectors)) => {
-                            let cut = (sectors * 512).min(data.len());
-                            write_into(f, *offset, &data[..cut]);
-                            if garbage && cut < data.len() {
-                                write_into(f, *offset + cut as u64, &vec![0xA5; data.len() - cut]);
-                            }
-                        }
-                        _ => write_into(f, *offset, data),
-                    }
-                }
-                Op::SetLen { path, len } => {
-                    let Some(f) = files.get_mut(&name(path)) else {
-                        continue;
-                    };
-                    let old = f.len();
-                    f.resize(*len as usize, if garbage { 0x5A } else { 0 });
-                    if !garbage && old > *len as usize {
-                        f.truncate(*len as usize);
-                    }
-                }
-                Op::Create { path } => {
-                    files.insert(
-                        name(path),
-                        self.durable.get(&name(path)).cloned().unwrap_or_default(),
-                    );
-                }
-                Op::Remove { path } => {
-                    files.remove(&name(path));
-                }
-                Op::Rename { from, to } => {
-                    if let Some(d) = files.remove(&name(from)) {
-                        files.insert(name(to), d);
-                    }
-                }
-                _ => {}
-            }
-        }
-        files
-    }
-}
-
-fn write_into(f: &mut Vec<u8>, offset: u64, data: &[u8]) {
-    let end = offset as usize + data.len();
-    if f.len() < end {
-        f.resize(end, 0);
-    }
-    f[offset as usize..end].copy_from_slice(data);
-}
-
-/// The crash states to try at one operation index.
-/// How to build one crash state from a `Sim` (see `Sim::crash_state`):
-/// cheap to list and compare, so that states are built one at a time and
-/// a recipe already tried on the same durable state is skipped unbuilt.
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct Recipe {
-    chosen: Vec<usize>,
-    torn: Option<usize>,
-    garbage: bool,
-}
-
-impl Recipe {
-    fn build(&self, sim: &Sim, ops: &[Op]) -> Files {
-        sim.crash_state(ops, &self.chosen, self.torn, self.garbage)
-    }
-}
-
-fn variants(sim: &Sim, ops: &[Op], rng: &mut Rng, cap: usize, tears: usize) -> Vec<Recipe> {
-    let p = &sim.pending;
-    let mut out = Vec::new();
-    let r = |chosen: &[usize], torn, garbage| Recipe {
-        chosen: chosen.to_vec(),
-        torn,
-        garbage,
-    };
-    // (a) every prefix of the pending operations (sampled past the cap).
-    let prefixes: Vec<usize> = if p.len() < cap {
-        (0..=p.len()).collect()
-    } else {
-        (0..cap)
-            .map(|_| rng.below(p.len() as u64 + 1) as usize)
-            .chain([0, p.len()])
-            .collect()
-    };
-    for k in prefixes {
-        out.push(r(&p[..k], None, false));
-        // (c) torn: the next write cut at a sector boundary, old or garbage;
-        // one random cut, or (full suite) up to 16 cuts spread over it.
-        if k < p.len()
-            && let Op::Write { data, .. } = &ops[p[k]]
-            && data.len() > 512
-        {
-            let n = data.len() / 512;
-            let cuts: Vec<usize> = if tears > 1 {
-                let step = (n - 1).div_ceil(tears).max(1);
-                (1..n).step_by(step).collect()
-            } else {
-                vec![(1 + rng.below(n as u64) as usize).min(n - 1)]
-            };
-            for sectors in cuts {
-                for garbage in [false, true] {
-                    out.push(r(&p[..=k], Some(sectors), garbage));
-                }
-            }
-        }
-    }
-    // (b) random subsets, in order and reversed; (d) growth holding garbage.
-    for _ in 0..(cap / 8).max(2) {
-        if p.is_empty() {
-            break;
-        }
-        let subset: Vec<usize> = p.iter().copied().filter(|_| rng.below(2) == 0).collect();
-        out.push(r(&subset, None, false));
-        let mut rev = subset.clone();
-        rev.reverse();
-        out.push(r(&rev, None, true));
-    }
-    out
 }
 
 #[derive(Clone)]
@@ -343,14 +91,7 @@ fn build_with(s: &Scenario, dir: &Path, extra: usize) -> PathBuf {
         } else {
             create::create_child(&p, &paths[i - 1], Some(bs)).unwrap();
         }
-        let mut c = Chain::open(
-            &p,
-            &ChainOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let mut c = common::open_writable(&p);
         // Whole blocks and partial sectors, overlapping the parent's data.
         c.write((i as u64) << 20, &rng.bytes(1 << 20)).unwrap();
         c.write(3_000_000 + i as u64 * 5000, &rng.bytes(9000))
@@ -434,28 +175,28 @@ fn run_merge(child: &Path, o: &MergeOptions) -> vhdmerge::Result<()> {
 /// Recovers `dir` (if a journal is there) and checks the invariant.
 /// Returns a description of a violation, if any.
 fn recover_and_check(
-    dir: &Path,
+    scratch: &mut Scratch,
     ancestor: &str,
     start: &Files,
     finished: &Files,
     rollback: bool,
 ) -> Result<(), String> {
+    let dir = scratch.path().to_path_buf();
+    let dir = dir.as_path();
     let a = dir.join(ancestor);
     let jpath = vhdmerge::journal::path_for(&a);
-    let committed = if jpath.exists() {
-        match vhdmerge::journal::load_if_begun(&jpath) {
-            Ok(Some(l)) => l.records.iter().any(|r| r.kind() == 4),
-            Ok(None) => false,
-            Err(e) => return Err(format!("journal unreadable: {e}")),
-        }
-    } else {
-        false
+    // Read once: what recovery must do, by the journal's own state.
+    let journal = match jpath.exists() {
+        true => vhdmerge::journal::load_if_begun(&jpath)
+            .map_err(|e| format!("journal unreadable: {e}"))?,
+        false => None,
     };
-    let cleanup = jpath.exists()
-        && vhdmerge::journal::load_if_begun(&jpath)
-            .ok()
-            .flatten()
-            .is_some_and(|l| l.records.iter().any(|r| r.kind() == 5));
+    let has = |kind| {
+        journal
+            .as_ref()
+            .is_some_and(|l| l.records.iter().any(|r| r.kind() == kind))
+    };
+    let (committed, cleanup) = (has(4), has(5));
     if jpath.exists() {
         trace::start(dir, false, None, true);
         let r = std::panic::catch_unwind(|| recover::recover(&a, rollback));
@@ -466,7 +207,7 @@ fn recover_and_check(
                 if !e.to_string().contains("only be finished") {
                     return Err(format!("unexpected refusal: {e}"));
                 }
-                return recover_and_check(dir, ancestor, start, finished, false);
+                return recover_and_check(scratch, ancestor, start, finished, false);
             }
             Ok(Err(e)) => return Err(format!("recover failed: {e}")),
             Ok(Ok(rep)) => {
@@ -484,7 +225,7 @@ fn recover_and_check(
             }
         }
     }
-    let now = snapshot(dir);
+    let now = scratch.read();
     if &now == start || &now == finished {
         Ok(())
     } else {
@@ -525,33 +266,13 @@ struct Params {
     extra_writes: usize,
 }
 
-/// Crash states are deduplicated by content: different operation subsets
-/// often leave the same bytes, and only distinct states are counted. The
-/// images are mostly zeros, so only non-zero 4 KiB pages are hashed, each
-/// with its offset (and every file with its name and length).
-fn fingerprint(files: &Files) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    for (n, d) in files {
-        h.update(&(n.len() as u64).to_le_bytes());
-        h.update(n.as_bytes());
-        h.update(&(d.len() as u64).to_le_bytes());
-        for (i, page) in d.chunks(4096).enumerate() {
-            if !is_zero(page) {
-                h.update(&(i as u64).to_le_bytes());
-                h.update(page);
-            }
-        }
-    }
-    *h.finalize().as_bytes()
-}
-
 /// Recovery modes that take different paths for this state: `--rollback`
 /// differs from the default only for a committed merge whose cleanup has
 /// not begun (before commit both roll back, through the same code).
 fn modes(state: &Files, ancestor: &str) -> &'static [bool] {
     let j = state
         .get(&format!("{ancestor}{}", vhdmerge::journal::SUFFIX))
-        .and_then(|b| vhdmerge::journal::decode(Path::new("journal"), b).ok());
+        .and_then(|b| vhdmerge::journal::decode(Path::new("journal"), &b.to_vec()).ok());
     match j {
         Some(l)
             if l.records.iter().any(|r| r.kind() == 4)
@@ -563,24 +284,15 @@ fn modes(state: &Files, ancestor: &str) -> &'static [bool] {
     }
 }
 
-/// A scratch folder on tmpfs where there is one: states are written and
-/// read back thousands of times.
-fn scratch() -> tempfile::TempDir {
-    match Path::new("/dev/shm").is_dir() {
-        true => tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap()),
-        false => tempfile::tempdir().unwrap(),
-    }
-}
-
 fn explore(s: &Scenario, p: Params) -> Totals {
     vhdmerge::guid::set_seed(Some(4242));
-    let pristine = scratch();
+    let pristine = tempfile::tempdir().unwrap();
     let child = build_with(s, pristine.path(), p.extra_writes);
     // A dirty log stays dirty in the start state: the merge replays it
     // through the journal, so a rollback brings the dirty log back.
     let start = snapshot(pristine.path());
-    let work = scratch();
-    materialize(&start, work.path());
+    let mut work = Scratch::new();
+    work.set(&start);
     let mut o = opts(s, work.path());
     o.batch_bytes = p.batch_bytes;
     let wchild = work.path().join(name(&child));
@@ -589,7 +301,7 @@ fn explore(s: &Scenario, p: Params) -> Totals {
     let r = run_merge(&wchild, &o);
     let (ops, _) = trace::stop();
     r.unwrap();
-    let finished = snapshot(work.path());
+    let finished = work.read();
     let ancestor =
         name(
             o.into
@@ -605,7 +317,7 @@ fn explore(s: &Scenario, p: Params) -> Totals {
     let mut tried = std::collections::HashSet::new();
     let mut seen_second = std::collections::HashSet::new();
     let mut sim = Sim::new(&start);
-    let crash_dir = scratch();
+    let mut crash_dir = Scratch::new();
     for i in 0..=ops.len() {
         for recipe in variants(&sim, &ops, &mut rng, p.cap, p.tears) {
             if !tried.insert((sim.epoch, recipe.clone())) {
@@ -616,9 +328,9 @@ fn explore(s: &Scenario, p: Params) -> Totals {
                 continue;
             }
             for &rollback in modes(&state, &ancestor) {
-                materialize(&state, crash_dir.path());
+                crash_dir.set(&state);
                 if let Err(e) =
-                    recover_and_check(crash_dir.path(), &ancestor, &start, &finished, rollback)
+                    recover_and_check(&mut crash_dir, &ancestor, &start, &finished, rollback)
                 {
                     panic!(
                         "{}: crash before operation {i} of {} ({:?}), rollback={rollback}: {e}",
@@ -640,7 +352,7 @@ fn explore(s: &Scenario, p: Params) -> Totals {
             if totals.states.is_multiple_of(p.recovery_every) {
                 totals.recovery_crashes += crash_during_recovery(
                     &state,
-                    crash_dir.path(),
+                    &mut crash_dir,
                     &ancestor,
                     (&start, &finished),
                     &mut rng,
@@ -668,21 +380,23 @@ fn short(op: &Op) -> String {
 
 fn crash_during_recovery(
     state: &Files,
-    dir: &Path,
+    scratch: &mut Scratch,
     ancestor: &str,
     (start, finished): (&Files, &Files),
     rng: &mut Rng,
     seen: &mut std::collections::HashSet<[u8; 32]>,
     scenario: &str,
 ) -> usize {
-    materialize(state, dir);
+    scratch.set(state);
+    let dir = scratch.path().to_path_buf();
     let a = dir.join(ancestor);
     if !vhdmerge::journal::path_for(&a).exists() {
         return 0;
     }
-    trace::start(dir, true, None, true);
+    trace::start(&dir, true, None, true);
     let _ = std::panic::catch_unwind(|| recover::recover(&a, false));
     let (ops, _) = trace::stop();
+    scratch.forget();
     let mut sim = Sim::new(state);
     let mut n = 0;
     // Every operation index of short recoveries; about 24 spread over long ones.
@@ -697,8 +411,8 @@ fn crash_during_recovery(
             if !seen.insert(fingerprint(&second)) {
                 continue;
             }
-            materialize(&second, dir);
-            if let Err(e) = recover_and_check(dir, ancestor, start, finished, false) {
+            scratch.set(&second);
+            if let Err(e) = recover_and_check(scratch, ancestor, start, finished, false) {
                 panic!(
                     "{scenario}: crash during recovery before its operation {i} of {}: {e}",
                     ops.len()
@@ -816,13 +530,15 @@ fn every_crash_state_recovers() {
     let full = std::env::var_os("VHDMERGE_CRASH_FULL").is_some();
     // The full suite runs every scenario twice: as the default run does,
     // and with 12 more scattered writes per level merged in 64 KiB batches
-    // (many more runs, flush points and pending writes).
+    // (many more runs, flush points and pending writes), looking harder at
+    // each point and sweeping a second crash through the recovery of every
+    // third state.
     let runs: Vec<Params> = if full {
         [(256 << 10, 0), (64 << 10, 12)]
             .map(|(batch_bytes, extra_writes)| Params {
-                cap: 32,
+                cap: 48,
                 tears: 16,
-                recovery_every: 8,
+                recovery_every: 3,
                 batch_bytes,
                 extra_writes,
             })
@@ -831,7 +547,7 @@ fn every_crash_state_recovers() {
         vec![Params {
             cap: 6,
             tears: 16,
-            recovery_every: 61,
+            recovery_every: 5,
             batch_bytes: 256 << 10,
             extra_writes: 0,
         }]
@@ -843,26 +559,18 @@ fn every_crash_state_recovers() {
         .filter(|s| s.name.contains(only.as_str()))
         .flat_map(|s| runs.iter().map(move |p| (s.clone(), *p)))
         .collect();
-    let shard = std::env::var("VHDMERGE_CRASH_SHARD").ok();
-    let (total, second) = match (&shard, full) {
-        // The full suite fans out over one process per core (tracing is
-        // process-wide), each taking every n-th item, and adds up.
-        (None, true) => run_shards(),
+    let item = std::env::var("VHDMERGE_CRASH_ITEM").ok();
+    let (total, second) = match (&item, full) {
+        // The full suite runs each item in a child process (tracing is
+        // process-wide), one per core at a time, and adds up.
+        (None, true) => run_items(items.len()),
         _ => {
-            let (k, n) = shard
-                .as_deref()
-                .and_then(|v| v.split_once('/'))
-                .map(|(k, n)| (k.parse().unwrap(), n.parse().unwrap()))
-                .unwrap_or((0usize, 1usize));
             let mut totals = (0, 0);
-            // Item i goes to shard (i + i / runs) % n: with two runs per
-            // scenario and two shards, each shard gets half of each kind.
-            let mine = items
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| (i + i / runs.len()) % n == k)
-                .map(|(_, item)| item);
-            for (s, p) in mine {
+            let mine = items.iter().enumerate().filter(|(i, _)| {
+                item.as_deref()
+                    .is_none_or(|k| k.parse::<usize>().unwrap() == *i)
+            });
+            for (_, (s, p)) in mine {
                 let t0 = std::time::Instant::now();
                 let t = explore(s, *p);
                 eprintln!(
@@ -877,18 +585,20 @@ fn every_crash_state_recovers() {
                 totals.0 += t.states;
                 totals.1 += t.recovery_crashes;
             }
-            // Read back by run_shards.
+            // Read back by run_items.
             if let Some(f) = std::env::var_os("VHDMERGE_CRASH_TOTALS") {
                 std::fs::write(f, format!("{} {}", totals.0, totals.1)).unwrap();
             }
             totals
         }
     };
-    eprintln!(
-        "crash states: {total} distinct (committed ones recovered with and without --rollback), {second} distinct second crashes during recovery, {} in all, all recovered correctly",
-        total + second
-    );
-    let floor = if !only.is_empty() || shard.is_some() {
+    if item.is_none() {
+        eprintln!(
+            "crash states: {total} distinct (committed ones recovered with and without --rollback), {second} distinct second crashes during recovery, {} in all, all recovered correctly",
+            total + second
+        );
+    }
+    let floor = if !only.is_empty() || item.is_some() {
         0
     } else if full {
         100_000
@@ -902,30 +612,45 @@ fn every_crash_state_recovers() {
     );
 }
 
-/// Runs this test in one child process per core, each on its share of the
-/// scenarios (their lines go straight to stderr), and adds up their totals.
-fn run_shards() -> (usize, usize) {
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+/// Runs item 0..count of this test each in a child process, as many at a
+/// time as there are cores, the heavy ones (odd: extra writes) first so
+/// that the cores finish together; their lines go straight to stderr.
+/// Returns the added totals.
+fn run_items(count: usize) -> (usize, usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let dir = tempfile::tempdir().unwrap();
-    let children: Vec<_> = (0..n)
-        .map(|k| {
-            std::process::Command::new(std::env::current_exe().unwrap())
+    let mut queue: Vec<usize> = (0..count).filter(|i| i % 2 == 0).collect();
+    queue.extend((0..count).filter(|i| i % 2 == 1));
+    let mut running: Vec<(usize, std::process::Child)> = Vec::new();
+    let mut totals = (0, 0);
+    while !queue.is_empty() || !running.is_empty() {
+        while running.len() < cores
+            && let Some(k) = queue.pop()
+        {
+            let child = std::process::Command::new(std::env::current_exe().unwrap())
                 .args(["every_crash_state_recovers", "--exact", "--nocapture"])
-                .env("VHDMERGE_CRASH_SHARD", format!("{k}/{n}"))
+                .env("VHDMERGE_CRASH_ITEM", k.to_string())
                 .env("VHDMERGE_CRASH_TOTALS", dir.path().join(k.to_string()))
                 .stdout(std::process::Stdio::null())
                 .spawn()
-                .unwrap()
-        })
-        .collect();
-    let mut totals = (0, 0);
-    for (k, c) in children.into_iter().enumerate() {
-        let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "shard {k}/{n} failed (see above)");
-        let t = std::fs::read_to_string(dir.path().join(k.to_string())).unwrap();
-        let mut it = t.split(' ').map(|v| v.parse::<usize>().unwrap());
-        totals.0 += it.next().unwrap();
-        totals.1 += it.next().unwrap();
+                .unwrap();
+            running.push((k, child));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut i = 0;
+        while i < running.len() {
+            match running[i].1.try_wait().unwrap() {
+                None => i += 1,
+                Some(status) => {
+                    let (k, _) = running.swap_remove(i);
+                    assert!(status.success(), "item {k} failed (see above)");
+                    let t = std::fs::read_to_string(dir.path().join(k.to_string())).unwrap();
+                    let mut it = t.split(' ').map(|v| v.parse::<usize>().unwrap());
+                    totals.0 += it.next().unwrap();
+                    totals.1 += it.next().unwrap();
+                }
+            }
+        }
     }
     totals
 }
@@ -939,14 +664,14 @@ fn faults_at_every_operation_abort_cleanly() {
         let pristine = tempfile::tempdir().unwrap();
         let child = build(&s, pristine.path());
         let start = snapshot(pristine.path());
-        let work = tempfile::tempdir().unwrap();
-        materialize(&start, work.path());
+        let mut work = Scratch::new();
+        work.set(&start);
         let o = opts(&s, work.path());
         trace::start(work.path(), false, None, true);
         vhdmerge::guid::set_seed(Some(4242));
         run_merge(&work.path().join(name(&child)), &o).unwrap();
         let (_, count) = trace::stop();
-        let finished = snapshot(work.path());
+        let finished = work.read();
         let ancestor =
             name(
                 o.into
@@ -955,11 +680,12 @@ fn faults_at_every_operation_abort_cleanly() {
             );
         for at in 0..count {
             for fault in [Fault::EioOnce, Fault::EioPersistent, Fault::NoSpace] {
-                materialize(&start, work.path());
+                work.set(&start);
                 trace::start(work.path(), false, Some((at, fault)), true);
                 vhdmerge::guid::set_seed(Some(4242));
                 let r = std::panic::catch_unwind(|| run_merge(&work.path().join(name(&child)), &o));
                 trace::stop();
+                work.forget();
                 assert!(
                     r.is_ok(),
                     "{}: panic with {fault:?} at operation {at}",
@@ -970,8 +696,7 @@ fn faults_at_every_operation_abort_cleanly() {
                     "{}: {fault:?} at operation {at} went unnoticed",
                     s.name
                 );
-                if let Err(e) = recover_and_check(work.path(), &ancestor, &start, &finished, false)
-                {
+                if let Err(e) = recover_and_check(&mut work, &ancestor, &start, &finished, false) {
                     panic!("{}: {fault:?} at operation {at}: {e}", s.name);
                 }
                 cases += 1;
@@ -998,8 +723,8 @@ fn regression_second_crash_during_rollback_tears_at_most_one_header() {
     let pristine = tempfile::tempdir().unwrap();
     let child = build(s, pristine.path());
     let start = snapshot(pristine.path());
-    let work = tempfile::tempdir().unwrap();
-    materialize(&start, work.path());
+    let mut work = Scratch::new();
+    work.set(&start);
     let a = work.path().join("l0.vhdx");
     // A committed merge, killed before cleanup, then marked for rollback.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
@@ -1014,7 +739,10 @@ fn regression_second_crash_during_rollback_tears_at_most_one_header() {
     let r = recover::recover(&a, true);
     let (ops, _) = trace::stop();
     assert_eq!(r.unwrap().outcome, Outcome::RolledBack);
-    assert_eq!(snapshot(work.path()), start);
+    assert!(
+        snapshot(work.path()) == start,
+        "the rollback restores the start"
+    );
 
     let is_header = |op: &Op| {
         matches!(op, Op::Write { path, offset, .. }
@@ -1022,7 +750,7 @@ fn regression_second_crash_during_rollback_tears_at_most_one_header() {
     };
     assert!(ops.iter().any(is_header), "the rollback restores headers");
     let mut sim = Sim::new(&committed);
-    let dir = tempfile::tempdir().unwrap();
+    let mut dir = Scratch::new();
     let mut checked = 0;
     for i in 0..=ops.len() {
         // Every pending write reached the disk, each header page torn
@@ -1033,21 +761,21 @@ fn regression_second_crash_during_rollback_tears_at_most_one_header() {
                 && is_header(&ops[j])
             {
                 let f = files.get_mut("l0.vhdx").unwrap();
-                write_into(f, *offset + 512, &vec![0xA5; data.len() - 512]);
+                f.write(*offset + 512, &vec![0xA5; data.len() - 512]);
             }
         }
         let f = &files["l0.vhdx"];
         let valid = HEADER_OFFSETS
             .iter()
-            .filter(|&&o| Header::decode(&f[o as usize..][..4096]).is_ok())
+            .filter(|&&o| Header::decode(&f.read(o, 4096)).is_ok())
             .count();
         assert!(
             valid >= 1,
             "crash before rollback operation {i} of {}: no valid header",
             ops.len()
         );
-        materialize(&files, dir.path());
-        if let Err(e) = recover_and_check(dir.path(), "l0.vhdx", &start, &start, true) {
+        dir.set(&files);
+        if let Err(e) = recover_and_check(&mut dir, "l0.vhdx", &start, &start, true) {
             panic!("crash before rollback operation {i}: {e}");
         }
         checked += 1;
