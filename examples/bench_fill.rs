@@ -2,9 +2,11 @@
 //! the same ranges as qemu-io commands so a qcow2 overlay can hold the
 //! same data.
 //!
-//! usage: bench_fill DISK whole|scattered BYTES SEED QEMU_IO_COMMANDS_OUT
+//! usage: bench_fill DISK whole|scattered BYTES SEED QEMU_IO_COMMANDS_OUT [SHIFT]
 //!   whole:     4 MiB writes, aligned, spread evenly over the disk
 //!   scattered: 4 KiB writes at random 4 KiB-aligned offsets
+//!   SHIFT:     bytes added to every offset (modulo the disk size), so that
+//!              the levels of a chain can write distinct ranges
 
 use std::io::Write;
 
@@ -15,6 +17,7 @@ fn main() {
     let bytes: u64 = a[3].parse().unwrap();
     let mut seed: u64 = a[4].parse().unwrap();
     let mut cmds = std::io::BufWriter::new(std::fs::File::create(&a[5]).unwrap());
+    let shift: u64 = a.get(6).map_or(0, |s| s.parse().unwrap());
     let mut chain = vhdmerge::Chain::open(
         path,
         &vhdmerge::ChainOptions {
@@ -40,6 +43,7 @@ fn main() {
         } else {
             next() % (size / unit) * unit
         };
+        let off = (off + shift) % size;
         let fill = (next() % 250 + 1) as u8;
         chain.write(off, &vec![fill; unit as usize]).unwrap();
         writeln!(cmds, "write -P {fill} {off} {unit}").unwrap();
