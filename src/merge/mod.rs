@@ -499,6 +499,8 @@ pub fn execute(
         }
         Ok(())
     })?;
+    // The copy's buffers go before verification takes its own.
+    drop(buffers);
     locks.check_unchanged(&[ancestor_path.as_path()])?;
     a.commit()?;
     failpoint("before-close");
@@ -769,9 +771,11 @@ fn read_pieces(
 struct Buffers(Mutex<Vec<Vec<u8>>>);
 
 impl Buffers {
-    /// Buffers kept: enough for the groups in flight, few enough that
-    /// memory stays bounded.
-    const KEEP: usize = 4;
+    /// Bytes kept: about two groups. Enough to serve the groups in flight,
+    /// little enough that peak memory stays what the groups themselves
+    /// take (a cap on the count alone let a 5-level merge, whose merged
+    /// reads reach 16 MiB, keep 64 MiB).
+    const KEEP_BYTES: usize = 2 * GROUP_BYTES as usize;
 
     /// A buffer of `len` bytes with any contents (the caller overwrites it).
     fn take(&self, len: usize) -> Vec<u8> {
@@ -791,7 +795,8 @@ impl Buffers {
             return;
         }
         let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if kept.len() < Self::KEEP {
+        let held: usize = kept.iter().map(Vec::capacity).sum();
+        if held + v.capacity() <= Self::KEEP_BYTES {
             kept.push(v);
         }
     }
