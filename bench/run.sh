@@ -84,15 +84,21 @@ prepare() {
     head -c "$(cat "$d/bytes")" /dev/urandom > "$d/payload.raw" 2>/dev/null || true
 }
 
+# merge NAME WL RUN_DIR [OPTIONS...]: times vhdmerge merge of the workload's chain as NAME
+merge() {
+    local name=$1 wl=$2 r=$3; shift 3
+    case $wl in
+        a|b|e) timed "$name" "$V" --quiet merge "$@" "$r/child.avhdx" ;;
+        c) timed "$name" "$V" --quiet merge "$@" --into "$r/l0.vhdx" "$r/l4.avhdx" ;;
+        d) timed "$name" "$V" --quiet merge "$@" "$r/child.avhd" ;;
+    esac
+}
+
 run() {
     local wl=$1 d=$W/$1/src r=$W/$1/run
     for round in $(seq "$ROUNDS"); do
         rm -rf "$r"; mkdir -p "$r"; cp --sparse=always "$d"/* "$r"/
-        case $wl in
-            a|b|e) timed "$wl-vhdmerge" "$V" --quiet merge --json "$r/child.avhdx" ;;
-            c) timed "$wl-vhdmerge" "$V" --quiet merge --json --into "$r/l0.vhdx" "$r/l4.avhdx" ;;
-            d) timed "$wl-vhdmerge" "$V" --quiet merge --json "$r/child.avhd" ;;
-        esac
+        merge "$wl-vhdmerge" "$wl" "$r" --json
         cp "$W/$wl-vhdmerge.last" "$W/$wl-report.json"
         case $wl in
             a|b) timed "$wl-qemu" qemu-img commit -q -f qcow2 "$r/over.qcow2" ;;
@@ -104,11 +110,7 @@ run() {
         # commit leaves its overlay: deleting a large sparse file is work
         # of the file system (ext4 frees every extent) that the peer skips.
         rm -rf "$r"; mkdir -p "$r"; cp --sparse=always "$d"/* "$r"/
-        case $wl in
-            a|b|e) timed "$wl-keep" "$V" --quiet merge --keep "$r/child.avhdx" ;;
-            c) timed "$wl-keep" "$V" --quiet merge --keep --into "$r/l0.vhdx" "$r/l4.avhdx" ;;
-            d) timed "$wl-keep" "$V" --quiet merge --keep "$r/child.avhd" ;;
-        esac
+        merge "$wl-keep" "$wl" "$r" --keep
     done
 }
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 pub use chain::{Chain, ChainOptions};
 
@@ -220,4 +220,22 @@ pub fn open_layer(path: &Path, writable: bool) -> Result<Box<dyn Layer>> {
     } else {
         Ok(Box::new(vhd::VhdDisk::open(path, writable)?))
     }
+}
+
+/// Refuses a write to a layer opened read-only or found damaged (a
+/// checksum that did not match, say): writing would spread the damage.
+fn refuse_write(path: &Path, writable: bool, warnings: &[String]) -> Result<()> {
+    if !writable {
+        return Err(Error::WriteRefused {
+            path: path.to_path_buf(),
+            reason: "opened read-only".into(),
+        });
+    }
+    if let Some(w) = warnings.first() {
+        return Err(Error::WriteRefused {
+            path: path.to_path_buf(),
+            reason: format!("the file is damaged ({w}); repair or restore it first"),
+        });
+    }
+    Ok(())
 }

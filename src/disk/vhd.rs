@@ -228,19 +228,7 @@ impl VhdDisk {
     }
 
     fn refuse_if_damaged(&self) -> Result<()> {
-        if !self.writable {
-            return Err(Error::WriteRefused {
-                path: self.src.path.clone(),
-                reason: "opened read-only".into(),
-            });
-        }
-        if let Some(w) = self.warnings.first() {
-            return Err(Error::WriteRefused {
-                path: self.src.path.clone(),
-                reason: format!("the file is damaged ({w}); repair or restore it first"),
-            });
-        }
-        Ok(())
+        super::refuse_write(&self.src.path, self.writable, &self.warnings)
     }
 
     /// Appends a zeroed block: footer at the new end (flush), then the BAT
