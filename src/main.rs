@@ -125,7 +125,7 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "runs")]
         verify: VerifyArg,
         /// Bytes copied between durability points.
-        #[arg(long, value_parser = parse_size, default_value = "256M", hide = true)]
+        #[arg(long, value_parser = parse_size, default_value = "4G", hide = true)]
         batch: u64,
     },
     /// Finish or roll back an interrupted merge, from its journal.

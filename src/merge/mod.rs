@@ -34,7 +34,11 @@ pub struct MergeOptions {
     /// Merge even though other disks (siblings) depend on the ancestor or an
     /// intermediate disk; they will no longer read correctly.
     pub force: bool,
-    /// Bytes copied between two durability points.
+    /// Bytes copied between two commits. A commit's fdatasync waits for
+    /// the storage to drain its cache, about a second on a virtual disk
+    /// whatever the batch, while a merge that is not committed is rolled
+    /// back whole anyway: so batches are large (4 GiB), and memory is
+    /// bounded by the metadata and held-write limits instead.
     pub batch_bytes: u64,
     /// Verify the whole ancestor against the child's content digest (reads
     /// the whole disk twice) instead of every copied run (reads them once).
@@ -48,7 +52,7 @@ impl Default for MergeOptions {
             parent: None,
             keep: false,
             force: false,
-            batch_bytes: 256 << 20,
+            batch_bytes: 4 << 30,
             verify_full: false,
         }
     }
