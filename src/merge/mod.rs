@@ -447,16 +447,16 @@ pub fn execute(
     // reading, hashing and writing overlap. At most one read group waits.
     let buffers = Buffers::default();
     let mut apply_group = |g: ReadGroup, a: &mut Box<dyn Layer>| -> Result<()> {
-        for (r, loaded) in g.runs.into_iter().zip(g.datas) {
-            let (data, hash) = match loaded {
-                Some(d) => d,
+        for (r, loaded) in g.runs.iter().zip(&g.datas) {
+            let zeros;
+            let (data, hash): (&[u8], [u8; 32]) = match *loaded {
+                Some((k, hash)) => (g.pieces.get(k), hash),
                 None => {
                     if ancestor_reads_zero(a.as_ref(), r.offset, r.len)? {
                         continue;
                     }
-                    let zeros = vec![0u8; r.len as usize];
-                    let hash = *blake3::hash(&zeros).as_bytes();
-                    (zeros, hash)
+                    zeros = vec![0u8; r.len as usize];
+                    (&zeros, *blake3::hash(&zeros).as_bytes())
                 }
             };
             journal
@@ -470,8 +470,7 @@ pub fn execute(
                     blake3: hash,
                 });
             copied.push((r.offset, r.len, hash));
-            a.write(r.offset, &data)?;
-            buffers.give(data);
+            a.write(r.offset, data)?;
             done += r.len;
             since_commit += r.len;
             // Commit per batch of data, or sooner when the metadata to log
@@ -491,6 +490,7 @@ pub fn execute(
             }
             progress(done, plan.bytes);
         }
+        g.pieces.give_back(&buffers);
         Ok(())
     };
     std::thread::scope(|scope| -> Result<()> {
@@ -644,15 +644,15 @@ fn verify_group(
         }
         layout.push(parts);
     }
-    let mut datas = read_pieces(&after.layers, &reqs, buffers)?.into_iter();
+    let pieces = read_pieces(&after.layers, &reqs, buffers)?;
+    let mut next = 0;
     for (&(offset, len, hash), parts) in chunk.iter().zip(layout) {
         let mut hasher = blake3::Hasher::new();
         for p in parts {
             match p {
                 None => {
-                    let d = datas.next().expect("one read per data part");
-                    hasher.update(&d);
-                    buffers.give(d);
+                    hasher.update(pieces.get(next));
+                    next += 1;
                 }
                 Some(zeros) => {
                     let z = vec![0u8; zeros as usize];
@@ -671,6 +671,7 @@ fn verify_group(
             ));
         }
     }
+    pieces.give_back(buffers);
     Ok(())
 }
 
@@ -678,7 +679,9 @@ fn verify_group(
 /// source (zeros), which the writer handles.
 struct ReadGroup {
     runs: Vec<Run>,
-    datas: Vec<Option<(Vec<u8>, [u8; 32])>>,
+    pieces: Pieces,
+    /// Per run: its piece in `pieces` and the piece's hash.
+    datas: Vec<Option<(usize, [u8; 32])>>,
 }
 
 fn read_group(layers: &[Box<dyn Layer>], runs: Vec<Run>, buffers: &Buffers) -> Result<ReadGroup> {
@@ -686,18 +689,23 @@ fn read_group(layers: &[Box<dyn Layer>], runs: Vec<Run>, buffers: &Buffers) -> R
         .iter()
         .filter_map(|r| r.source.map(|fo| (r.level, fo, r.len)))
         .collect();
-    let mut read = read_pieces(layers, &reqs, buffers)?.into_iter();
+    let pieces = read_pieces(layers, &reqs, buffers)?;
+    let mut next = 0;
     let datas = runs
         .iter()
         .map(|r| {
             r.source.map(|_| {
-                let d = read.next().expect("one read per sourced run");
-                let h = *blake3::hash(&d).as_bytes();
-                (d, h)
+                let k = next;
+                next += 1;
+                (k, *blake3::hash(pieces.get(k)).as_bytes())
             })
         })
         .collect();
-    Ok(ReadGroup { runs, datas })
+    Ok(ReadGroup {
+        runs,
+        pieces,
+        datas,
+    })
 }
 
 /// The reader side of the apply pipeline. Sends each group, then the
@@ -734,10 +742,13 @@ fn read_pieces(
     layers: &[Box<dyn Layer>],
     reqs: &[(usize, u64, u64)],
     buffers: &Buffers,
-) -> Result<Vec<Vec<u8>>> {
+) -> Result<Pieces> {
     let mut order: Vec<usize> = (0..reqs.len()).collect();
     order.sort_by_key(|&i| (reqs[i].0, reqs[i].1));
-    let mut out = vec![Vec::new(); reqs.len()];
+    let mut out = Pieces {
+        bufs: Vec::new(),
+        at: vec![(0, 0, 0); reqs.len()],
+    };
     let mut i = 0;
     while i < order.len() {
         let (level, start, len) = reqs[order[i]];
@@ -752,20 +763,40 @@ fn read_pieces(
             j += 1;
         }
         let mut buf = buffers.take((end - start) as usize);
-        layers[level].read_data(start, &mut buf)?;
-        if j == i + 1 {
-            // One piece (whole blocks): the buffer is the piece, no copy.
-            out[order[i]] = buf;
-        } else {
-            for &k in &order[i..j] {
-                let (_, fo, n) = reqs[k];
-                out[k] = buf[(fo - start) as usize..(fo - start + n) as usize].to_vec();
-            }
-            buffers.give(buf);
+        if let Err(e) = layers[level].read_data(start, &mut buf) {
+            out.give_back(buffers);
+            return Err(e);
         }
+        // Each piece is a slice of the merged read: no copy.
+        for &k in &order[i..j] {
+            let (_, fo, n) = reqs[k];
+            out.at[k] = (out.bufs.len(), (fo - start) as usize, n as usize);
+        }
+        out.bufs.push(buf);
         i = j;
     }
     Ok(out)
+}
+
+/// What `read_pieces` read: a few buffers, and where in them each
+/// requested piece lies.
+struct Pieces {
+    bufs: Vec<Vec<u8>>,
+    /// Per request: (buffer, start, length).
+    at: Vec<(usize, usize, usize)>,
+}
+
+impl Pieces {
+    fn get(&self, k: usize) -> &[u8] {
+        let (b, start, len) = self.at[k];
+        &self.bufs[b][start..start + len]
+    }
+
+    fn give_back(self, buffers: &Buffers) {
+        for b in self.bufs {
+            buffers.give(b);
+        }
+    }
 }
 
 /// Read buffers handed back once written or hashed, for the next read: a
