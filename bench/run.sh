@@ -99,7 +99,7 @@ run() {
     for round in $(seq "$ROUNDS"); do
         rm -rf "$r"; mkdir -p "$r"; cp --sparse=always "$d"/* "$r"/
         merge "$wl-vhdmerge" "$wl" "$r" --json
-        cp "$W/$wl-vhdmerge.last" "$W/$wl-report.json"
+        cp "$W/$wl-vhdmerge.last" "$W/$wl-report-$round.json"
         case $wl in
             a|b) timed "$wl-qemu" qemu-img commit -q -f qcow2 "$r/over.qcow2" ;;
             c) timed "$wl-qemu" qemu-img commit -q -f qcow2 -b "$r/q1.qcow2" "$r/q4.qcow2" \
@@ -111,14 +111,18 @@ run() {
         # of the file system (ext4 frees every extent) that the peer skips.
         rm -rf "$r"; mkdir -p "$r"; cp --sparse=always "$d"/* "$r"/
         merge "$wl-keep" "$wl" "$r" --keep
+        # What deleting the merged files costs on its own: the default
+        # merge is about --keep plus this.
+        timed "$wl-rm" rm -f "$r"/*.merged
     done
 }
 
 report() {
     local wl=$1 bytes
     bytes=$(cat "$W/$wl/src/bytes")
-    local vt vr qt ct kt
+    local vt vr qt ct kt rt
     vt=$(awk '{print $1}' "$W/$wl-vhdmerge.times" | median)
+    rt=$(awk '{print $1}' "$W/$wl-rm.times" | median)
     kt=$(awk '{print $1}' "$W/$wl-keep.times" | median)
     vr=$(awk '{print $2}' "$W/$wl-vhdmerge.times" | median)
     ct=$(awk '{print $1}' "$W/$wl-copy.times" | median)
@@ -129,22 +133,30 @@ report() {
             qt=$(paste "$W/$wl-qemu.times" "$W/$wl-qemu1.times" | awk '{print $1 + $3}' | median)
         fi
     fi
-    python3 - "$wl" "$bytes" "$vt" "$vr" "$qt" "$ct" "$W/$wl-report.json" "$kt" <<'PY'
-import json, sys
-wl, size, vt, vr, qt, ct, rep, kt = sys.argv[1:]
-size, vt, vr, ct, kt = int(size), float(vt), int(vr), float(ct), float(kt)
-r = json.load(open(rep))
-d = r["decile_seconds"]
-spans = [b - a for a, b in zip([0.0] + d[:-1], d)] if d else []
-first = (size / 10) / spans[0] / 1e6 if spans and spans[0] > 0 else float("nan")
-last = (size / 10) / spans[-1] / 1e6 if spans and spans[-1] > 0 else float("nan")
+    python3 - "$wl" "$bytes" "$vt" "$vr" "$qt" "$ct" "$W/$wl-report" "$kt" "$rt" <<'PY'
+import glob, json, statistics, sys
+wl, size, vt, vr, qt, ct, rep, kt, rt = sys.argv[1:]
+size, vt, vr, ct, kt, rt = int(size), float(vt), int(vr), float(ct), float(kt), float(rt)
+# Throughput of the first and the last tenth of the copy, per round; the
+# medians over the rounds are reported, and the median of last / first.
+firsts, lasts, ratios = [], [], []
+for path in sorted(glob.glob(rep + "-*.json")):
+    r = json.load(open(path))
+    d = r["decile_seconds"]
+    spans = [b - a for a, b in zip([0.0] + d[:-1], d)]
+    if len(spans) == 10 and spans[0] > 0 and spans[-1] > 0:
+        firsts.append((size / 10) / spans[0] / 1e6)
+        lasts.append((size / 10) / spans[-1] / 1e6)
+        ratios.append(lasts[-1] / firsts[-1])
+med = lambda v: statistics.median(v) if v else float("nan")
+first, last, ratio = med(firsts), med(lasts), med(ratios)
 q = "-" if qt == "-" else f"{float(qt):.2f} s"
 ratio_q = "-" if qt == "-" else f"{vt / float(qt):.2f} / {kt / float(qt):.2f}"
-print(f"| {wl} | {size / 2**20:.0f} MiB | {vt:.2f} s | {kt:.2f} s | {size / vt / 1e6:.0f} MB/s | {q} | {ratio_q} | {ct:.2f} s | {vt / ct:.2f} / {kt / ct:.2f} | {vr / 1024:.1f} MiB | {r['journal_bytes'] / 2**20:.1f} MiB | {first:.0f} / {last:.0f} MB/s |")
+print(f"| {wl} | {size / 2**20:.0f} MiB | {vt:.2f} s | {kt:.2f} s | {rt:.2f} s | {size / vt / 1e6:.0f} MB/s | {q} | {ratio_q} | {ct:.2f} s | {vt / ct:.2f} / {kt / ct:.2f} | {vr / 1024:.1f} MiB | {r['journal_bytes'] / 2**20:.1f} MiB | {first:.0f} / {last:.0f} MB/s ({ratio:.2f}) |")
 PY
 }
 
 for wl in $WORKLOADS; do prepare "$wl"; run "$wl"; done
-echo "| workload | merged data | vhdmerge merge (median) | merge --keep | rate | qemu-img commit | ratio vs qemu (merge / --keep) | plain copy + fsync | ratio vs copy (merge / --keep) | vhdmerge peak RSS | journal | first / last decile |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| workload | merged data | vhdmerge merge (median) | merge --keep | rm of the merged files | rate | qemu-img commit | ratio vs qemu (merge / --keep) | plain copy + fsync | ratio vs copy (merge / --keep) | vhdmerge peak RSS | journal | first / last decile (last / first) |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for wl in $WORKLOADS; do report "$wl"; done

@@ -767,12 +767,31 @@ fn read_pieces(
             out.give_back(buffers);
             return Err(e);
         }
-        // Each piece is a slice of the merged read: no copy.
-        for &k in &order[i..j] {
-            let (_, fo, n) = reqs[k];
-            out.at[k] = (out.bufs.len(), (fo - start) as usize, n as usize);
+        let covered: u64 = order[i..j].iter().map(|&k| reqs[k].2).sum();
+        if covered * 2 >= end - start {
+            // Mostly data (runs side by side): each piece is a slice of
+            // the merged read, no copy.
+            for &k in &order[i..j] {
+                let (_, fo, n) = reqs[k];
+                out.at[k] = (out.bufs.len(), (fo - start) as usize, n as usize);
+            }
+            out.bufs.push(buf);
+        } else {
+            // Mostly gaps (scattered small runs): the pieces are copied
+            // together, so that a group holds its data, not the gaps
+            // between (which made (b) peak at 107 MiB).
+            let mut compact = buffers.take(covered as usize);
+            let mut at = 0;
+            for &k in &order[i..j] {
+                let (_, fo, n) = reqs[k];
+                let (from, n) = ((fo - start) as usize, n as usize);
+                compact[at..at + n].copy_from_slice(&buf[from..from + n]);
+                out.at[k] = (out.bufs.len(), at, n);
+                at += n;
+            }
+            out.bufs.push(compact);
+            buffers.give(buf);
         }
-        out.bufs.push(buf);
         i = j;
     }
     Ok(out)
