@@ -87,11 +87,7 @@ impl FileStorage {
             .write(writable)
             .open(path)
             .map_err(|e| Error::io(path, "opening", e))?;
-        Ok(FileStorage {
-            file,
-            path: path.to_path_buf(),
-            unsent: AtomicU64::new(0),
-        })
+        Ok(FileStorage::from_file(file, path))
     }
 
     pub fn from_file(file: File, path: &Path) -> FileStorage {
@@ -112,11 +108,7 @@ impl FileStorage {
             .write(true)
             .create_new(true)
             .open(path)?;
-        Ok(FileStorage {
-            file,
-            path: path.to_path_buf(),
-            unsent: AtomicU64::new(0),
-        })
+        Ok(FileStorage::from_file(file, path))
     }
 
     /// lseek(SEEK_DATA / SEEK_HOLE); `None` when only a hole follows (ENXIO).
@@ -140,7 +132,8 @@ const WRITEBACK_EVERY: u64 = 8 << 20;
 /// idle until then, catches up. Started at once, write-back overlaps the
 /// copy: the disk is busy from the first percent, the copy follows its
 /// speed, and the batch's fdatasync finds little left to write
-/// (BENCHMARKS.md: 2 GiB merged in 7.7–8.4 s instead of 9.4–9.5 s).
+/// (with 4 GiB batches, BENCHMARKS.md session 11: 2 GiB merged with `--keep`
+/// in 6.3–6.9 s instead of about 10 s).
 ///
 /// This is pacing, never ordering: it neither flushes metadata nor the
 /// device cache, so what is durable when is still decided by fdatasync
