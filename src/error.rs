@@ -55,6 +55,11 @@ pub enum Error {
     #[error("{}: refusing to write: {reason}", path.display())]
     WriteRefused { path: PathBuf, reason: String },
 
+    /// A stop was requested (SIGINT/SIGTERM): the merge made a checkpoint
+    /// and stopped there.
+    #[error("paused at {percent:.1} % — `vhdmerge recover {}` continues, `--rollback` undoes", ancestor.display())]
+    Paused { ancestor: PathBuf, percent: f64 },
+
     #[error("{0}")]
     Invalid(String),
 }

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -127,8 +129,12 @@ enum Cmd {
         /// Bytes copied between durability points.
         #[arg(long, value_parser = parse_size, default_value = "4G", hide = true)]
         batch: u64,
+        /// Copied bytes between checkpoints (a crash or Ctrl-C loses at most
+        /// this much work; checkpoints are also at most 30 s apart).
+        #[arg(long, value_parser = parse_size, default_value = "1G")]
+        checkpoint_every: u64,
     },
-    /// Finish or roll back an interrupted merge, from its journal.
+    /// Finish (resume from the last checkpoint) or roll back an interrupted merge.
     Recover {
         /// The ancestor of the interrupted merge (or any file it names).
         disk: PathBuf,
@@ -137,6 +143,11 @@ enum Cmd {
         rollback: bool,
         #[arg(long)]
         json: bool,
+        /// Copied bytes between checkpoints while resuming.
+        #[arg(long, value_parser = parse_size, default_value = "1G")]
+        checkpoint_every: u64,
+        #[arg(long, value_parser = parse_size, default_value = "4G", hide = true)]
+        batch: u64,
     },
     /// Compare a disk with an expected content digest or a manifest; name the ranges that differ.
     Verify {
@@ -227,6 +238,10 @@ fn main() -> ExitCode {
     };
     match run(cli) {
         Ok(code) => ExitCode::from(code),
+        Err(e @ Error::Paused { .. }) => {
+            eprintln!("vhdmerge: {e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("vhdmerge: error: {e}");
             ExitCode::from(1)
@@ -257,6 +272,33 @@ fn open_any(disk: &Path, parent: Option<PathBuf>) -> Result<Chain, Error> {
         }
         Err(e) => Err(e),
     }
+}
+
+fn preflight_paths(chain: &Chain) -> Vec<&Path> {
+    chain.layers.iter().map(|l| l.path()).collect()
+}
+
+/// Interrupted merges whose journal names one of `paths`.
+fn pending_merges(paths: &[&Path]) -> Vec<String> {
+    let mut found: Vec<PathBuf> = Vec::new();
+    for p in paths {
+        if let Ok(Some(j)) = recover::find(p)
+            && !found.contains(&j)
+        {
+            found.push(j);
+        }
+    }
+    found
+        .iter()
+        .map(|j| match vhdmerge::journal::load(j) {
+            Ok(l) => format!(
+                "{} ({}); `vhdmerge recover` continues it, `--rollback` undoes it",
+                vhdmerge::journal::state::summary(&l),
+                j.display()
+            ),
+            Err(e) => format!("{}: unreadable journal: {e}", j.display()),
+        })
+        .collect()
 }
 
 fn bar(quiet: bool, len: u64, what: &str) -> ProgressBar {
@@ -291,12 +333,23 @@ fn run(cli: Cli) -> Result<u8, Error> {
             json,
             parent,
         } => {
-            let chain = open_chain(&disk, parent)?;
+            let chain = match open_chain(&disk, parent) {
+                Ok(c) => c,
+                Err(e) => {
+                    // A pending merge changes the ancestor's identity, which
+                    // breaks the chain until it is recovered: say so.
+                    for p in pending_merges(&[disk.as_path()]) {
+                        eprintln!("vhdmerge: PENDING: {p}");
+                    }
+                    return Err(e);
+                }
+            };
             warn_all(&chain);
+            let pending = pending_merges(&preflight_paths(&chain));
             let infos = chain.infos()?;
             let shown = if all { &infos[..] } else { &infos[..1] };
             if json {
-                let v = serde_json::json!({ "levels": shown, "links": chain.links, "chain_depth": infos.len() });
+                let v = serde_json::json!({ "levels": shown, "links": chain.links, "chain_depth": infos.len(), "pending_merges": pending });
                 out!(
                     "{}",
                     serde_json::to_string_pretty(&v).expect("serializable")
@@ -313,6 +366,9 @@ fn run(cli: Cli) -> Result<u8, Error> {
                         l.found_by,
                         l.identity
                     );
+                }
+                for p in &pending {
+                    out!("PENDING: {p}");
                 }
             }
         }
@@ -430,6 +486,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             json,
             verify,
             batch,
+            checkpoint_every,
         } => {
             let opts = MergeOptions {
                 into,
@@ -438,6 +495,8 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 force,
                 batch_bytes: batch,
                 verify_full: verify == VerifyArg::Full,
+                checkpoint_bytes: checkpoint_every.max(1),
+                stop: Some(stop_on_signals()),
             };
             let prepared = merge::prepare(&child, &opts)?;
             if dry_run {
@@ -450,6 +509,10 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     print_plan(&prepared.plan);
                 }
                 return Ok(0);
+            }
+            if opts.stop_requested() {
+                eprintln!("vhdmerge: interrupted before the merge began; nothing was written");
+                return Ok(130);
             }
             let pb = bar(cli.quiet || json, prepared.plan.bytes, "merge");
             let report = merge::execute(prepared, &opts, &mut |done, total| {
@@ -493,29 +556,28 @@ fn run(cli: Cli) -> Result<u8, Error> {
             disk,
             rollback,
             json,
+            checkpoint_every,
+            batch,
         } => {
-            let r = recover::recover(&disk, rollback)?;
+            let opts = MergeOptions {
+                batch_bytes: batch,
+                checkpoint_bytes: checkpoint_every.max(1),
+                stop: Some(stop_on_signals()),
+                ..Default::default()
+            };
+            let pb = bar(cli.quiet || json, 0, "resume");
+            let r = recover::recover_with(&disk, rollback, &opts, &mut |done, total| {
+                pb.set_length(total);
+                pb.set_position(done);
+            })?;
+            pb.finish_and_clear();
             if json {
                 out!(
                     "{}",
                     serde_json::to_string_pretty(&r).expect("serializable")
                 );
             } else {
-                let what = match r.outcome {
-                    recover::Outcome::Finished => "finished the merge",
-                    recover::Outcome::RolledBack => "rolled back to the state before the merge",
-                };
-                out!(
-                    "{what} (journal said: {}; {} before-images; {} runs redone{})",
-                    r.state,
-                    r.before_images,
-                    r.redone_runs,
-                    if r.torn_tail {
-                        "; torn tail ignored"
-                    } else {
-                        ""
-                    }
-                );
+                print_recovery(&disk, &r);
             }
         }
         Cmd::Verify {
@@ -596,6 +658,54 @@ fn run(cli: Cli) -> Result<u8, Error> {
         Cmd::Demo => demo::run()?,
     }
     Ok(0)
+}
+
+/// SIGINT and SIGTERM ask a merge to stop at its next checkpoint (it
+/// then exits 130); a second signal exits at once, which the journal
+/// makes as safe as a crash.
+fn stop_on_signals() -> Arc<AtomicBool> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        // The conditional exit is registered first, so it sees the flag as
+        // it was before this signal set it.
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone());
+        let _ = signal_hook::flag::register(sig, flag.clone());
+    }
+    flag
+}
+
+fn print_recovery(disk: &Path, r: &recover::RecoverReport) {
+    let what = match r.outcome {
+        recover::Outcome::NothingToRecover => {
+            out!("{}: nothing to recover", disk.display());
+            return;
+        }
+        recover::Outcome::Finished => "finished the merge",
+        recover::Outcome::RolledBack => "rolled back to the state before the merge",
+    };
+    out!(
+        "{what} (journal said: {}; {} before-images; {} runs redone{})",
+        r.state,
+        r.before_images,
+        r.redone_runs,
+        if r.torn_tail {
+            "; torn tail ignored"
+        } else {
+            ""
+        }
+    );
+    if let (Some(from), Some(left)) = (r.resumed_from, r.remaining) {
+        out!(
+            "resumed from the last checkpoint: {from} bytes were already merged, {left} copied now"
+        );
+    }
+    if let Some(m) = &r.merge {
+        out!(
+            "verified: all {} copied runs read back from the ancestor with their BLAKE3",
+            m.runs_verified
+        );
+    }
 }
 
 fn print_info(level: usize, i: &vhdmerge::disk::LayerInfo) {

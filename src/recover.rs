@@ -12,8 +12,8 @@ use serde::Serialize;
 use crate::disk::{Chain, ChainOptions, open_layer};
 use crate::error::{Error, Result};
 use crate::io::{FileStorage, Storage};
-use crate::journal::{self, Begin, Record, Role, Writer};
-use crate::merge::{self, preflight};
+use crate::journal::{self, Begin, Record, Role, State, Writer};
+use crate::merge::{self, MergeOptions, preflight};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -22,17 +22,63 @@ pub enum Outcome {
     Finished,
     /// Every file is back to its state when the merge began.
     RolledBack,
+    /// No journal covers the disk: there was nothing to do.
+    NothingToRecover,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RecoverReport {
-    pub journal: PathBuf,
+    pub journal: Option<PathBuf>,
     pub outcome: Outcome,
     /// What the journal said when recovery began.
     pub state: String,
     pub torn_tail: bool,
     pub before_images: u64,
     pub redone_runs: u64,
+    /// A resumed merge: guest bytes already durable at its last checkpoint.
+    pub resumed_from: Option<u64>,
+    /// A resumed merge: guest bytes that were left to copy.
+    pub remaining: Option<u64>,
+    /// A resumed merge: the same report `merge` gives.
+    pub merge: Option<merge::Report>,
+}
+
+/// What recovery does, decided from the journal's state alone
+/// (`journal-format.md` §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Restore every file to the start; `mark` first makes RollbackStarted
+    /// durable, so that a crash during the rollback is not resumed.
+    Rollback { mark: bool },
+    /// Undo what followed the last checkpoint, then copy the rest.
+    Resume,
+    /// Check every copied run (redo lost ones) and clean up.
+    Finish,
+    /// `--rollback` after cleanup began: the merged files are going.
+    RefuseRollback,
+}
+
+pub fn decide(state: &State, rollback: bool) -> Action {
+    match (state, rollback) {
+        (State::Applying { checkpoint: None }, _) => Action::Rollback { mark: false },
+        (
+            State::Applying {
+                checkpoint: Some(_),
+            },
+            false,
+        ) => Action::Resume,
+        (
+            State::Applying {
+                checkpoint: Some(_),
+            },
+            true,
+        ) => Action::Rollback { mark: true },
+        (State::Committed, false) => Action::Finish,
+        (State::Committed, true) => Action::Rollback { mark: true },
+        (State::RollingBack, _) => Action::Rollback { mark: false },
+        (State::CleaningUp, false) => Action::Finish,
+        (State::CleaningUp, true) => Action::RefuseRollback,
+    }
 }
 
 /// Finds the journal that covers `disk`: beside it, or in its folder naming it.
@@ -40,42 +86,57 @@ pub fn find(disk: &Path) -> Result<Option<PathBuf>> {
     preflight::pending_journal(disk)
 }
 
-fn state_of(records: &[Record]) -> &'static str {
-    let has = |k: u16| records.iter().any(|r| r.kind() == k);
-    if has(6) {
-        "rolling back"
-    } else if has(5) {
-        "cleaning up"
-    } else if has(4) {
-        "committed"
-    } else {
-        "applying"
+/// Recovers with default options (no progress, default checkpoints).
+pub fn recover(disk: &Path, rollback: bool) -> Result<RecoverReport> {
+    recover_with(disk, rollback, &MergeOptions::default(), &mut |_, _| {})
+}
+
+/// Recovers the merge pending on `disk`. A resumed merge copies with
+/// `opts`' batch and checkpoint sizes and stop flag, reporting `progress`.
+pub fn recover_with(
+    disk: &Path,
+    rollback: bool,
+    opts: &MergeOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<RecoverReport> {
+    match find(disk)? {
+        Some(jpath) => recover_journal(&jpath, rollback, opts, progress),
+        None => Ok(RecoverReport {
+            journal: None,
+            outcome: Outcome::NothingToRecover,
+            state: "nothing to recover".into(),
+            torn_tail: false,
+            before_images: 0,
+            redone_runs: 0,
+            resumed_from: None,
+            remaining: None,
+            merge: None,
+        }),
     }
 }
 
-pub fn recover(disk: &Path, rollback: bool) -> Result<RecoverReport> {
-    let jpath = find(disk)?.ok_or_else(|| {
-        Error::Invalid(format!(
-            "{}: no pending merge journal was found beside it; nothing to recover",
-            disk.display()
-        ))
-    })?;
-    recover_journal(&jpath, rollback)
-}
-
-pub fn recover_journal(jpath: &Path, rollback: bool) -> Result<RecoverReport> {
+pub fn recover_journal(
+    jpath: &Path,
+    rollback: bool,
+    opts: &MergeOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<RecoverReport> {
+    let mut report = RecoverReport {
+        journal: Some(jpath.to_path_buf()),
+        outcome: Outcome::RolledBack,
+        state: "begin not durable".into(),
+        torn_tail: true,
+        before_images: 0,
+        redone_runs: 0,
+        resumed_from: None,
+        remaining: None,
+        merge: None,
+    };
     let Some(loaded) = journal::load_if_begun(jpath)? else {
         journal::remove(jpath)?;
-        return Ok(RecoverReport {
-            journal: jpath.to_path_buf(),
-            outcome: Outcome::RolledBack,
-            state: "begin not durable".into(),
-            torn_tail: true,
-            before_images: 0,
-            redone_runs: 0,
-        });
+        return Ok(report);
     };
-    let Some(Record::Begin(mut begin)) = loaded.records.first().cloned() else {
+    let Some(Record::Begin(begin)) = loaded.records.first().cloned() else {
         unreachable!("load checks Begin")
     };
     // Paths are relative to the journal's folder unless absolute.
@@ -83,71 +144,210 @@ pub fn recover_journal(jpath: &Path, rollback: bool) -> Result<RecoverReport> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    for f in &mut begin.files {
-        f.path = jdir.join(&f.path).to_string_lossy().to_string();
+    let paths: Vec<PathBuf> = begin.files.iter().map(|f| jdir.join(&f.path)).collect();
+    let state = State::of(&loaded.records);
+    let action = decide(&state, rollback);
+    if action == Action::RefuseRollback {
+        return Err(Error::WriteRefused { path: jpath.to_path_buf(), reason: "the merge had already committed and begun deleting the merged files; it can only be finished. Run `vhdmerge recover` without --rollback".into() });
     }
-    let state = state_of(&loaded.records);
     // Only finishing reads the merged files (to redo a lost copy); a
     // rollback never touches them, so one that another program changed
-    // after the merge began does not stand in the way of undoing it.
-    let finishing =
-        matches!(state, "committed" | "cleaning up") && !rollback || state == "cleaning up";
-    check_files(jpath, &begin, state, finishing)?;
-    let present: Vec<&Path> = begin
-        .files
+    // after the merge began does not stand in the way of undoing it. A
+    // resume checks them itself and rolls back if they changed.
+    check_files(jpath, &begin, &paths, &state, action == Action::Finish)?;
+    let present: Vec<&Path> = paths
         .iter()
-        .map(|f| Path::new(f.path.as_str()))
+        .map(PathBuf::as_path)
         .filter(|p| p.exists())
         .collect();
-    let _locks = preflight::lock_all(&present)?;
-    let before_images = loaded.records.iter().filter(|r| r.kind() == 2).count() as u64;
-    let mut report = RecoverReport {
-        journal: jpath.to_path_buf(),
-        outcome: Outcome::RolledBack,
-        state: state.into(),
-        torn_tail: loaded.torn_tail,
-        before_images,
-        redone_runs: 0,
-    };
+    let locks = preflight::lock_all(&present)?;
+    report.state = state.name().into();
+    report.torn_tail = loaded.torn_tail;
+    report.before_images = loaded.records.iter().filter(|r| r.kind() == 2).count() as u64;
     let writer = Arc::new(Mutex::new(Writer::reopen(jpath, &loaded)?));
-    match state {
-        "rolling back" | "applying" => undo(&writer, jpath, &begin, &loaded.records)?,
-        "committed" if rollback => {
-            {
-                let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-                w.append(&Record::RollbackStarted);
-                w.sync()?;
+    match action {
+        Action::Rollback { mark } => {
+            if mark {
+                mark_rollback(&writer)?;
             }
-            merge::failpoint("recover-after-rollback-mark");
-            undo(&writer, jpath, &begin, &loaded.records)?
+            rollback_all(jpath, &begin, &paths, &loaded.records)?
         }
-        "cleaning up" if rollback => {
-            return Err(Error::WriteRefused { path: jpath.to_path_buf(), reason: "the merge had already committed and begun deleting the merged files; it can only be finished. Run `vhdmerge recover` without --rollback".into() });
-        }
-        _ => {
-            report.redone_runs = redo(&writer, &begin, &loaded.records)?;
-            let merged: Vec<PathBuf> = begin
-                .files
-                .iter()
-                .filter(|f| matches!(f.role, Role::Merged { .. }))
-                .map(|f| PathBuf::from(&f.path))
-                .collect();
-            merge::cleanup(&writer, jpath, &merged, begin.keep)?;
+        Action::Finish => {
+            report.redone_runs = redo(&writer, &begin, &paths, &loaded.records)?;
+            merge::cleanup(&writer, jpath, &merged_paths(&begin, &paths), begin.keep)?;
             report.outcome = Outcome::Finished;
         }
+        Action::Resume => {
+            let tx = merge::Transaction {
+                journal: writer,
+                jpath: jpath.to_path_buf(),
+                files: paths.clone(),
+                ancestor: paths[0].clone(),
+                relinked: relinked(&begin, &paths),
+                locks,
+                keep: begin.keep,
+            };
+            resume(
+                &tx,
+                &begin,
+                &loaded.records,
+                &state,
+                opts,
+                progress,
+                &mut report,
+            )?;
+        }
+        Action::RefuseRollback => unreachable!("refused above"),
     }
     Ok(report)
+}
+
+fn mark_rollback(writer: &Arc<Mutex<Writer>>) -> Result<()> {
+    {
+        let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+        w.append(&Record::RollbackStarted);
+        w.sync()?;
+    }
+    merge::failpoint("recover-after-rollback-mark");
+    Ok(())
+}
+
+fn merged_paths(begin: &Begin, paths: &[PathBuf]) -> Vec<PathBuf> {
+    begin
+        .files
+        .iter()
+        .zip(paths)
+        .filter(|(f, _)| matches!(f.role, Role::Merged { .. }))
+        .map(|(_, p)| p.clone())
+        .collect()
+}
+
+fn relinked(begin: &Begin, paths: &[PathBuf]) -> Vec<(PathBuf, u32)> {
+    begin
+        .files
+        .iter()
+        .zip(paths)
+        .enumerate()
+        .filter(|(_, (f, _))| f.role == Role::Relinked)
+        .map(|(i, (_, p))| (p.clone(), i as u32))
+        .collect()
+}
+
+/// Continues a merge from its last checkpoint: checks that the merged
+/// files still hold the planned runs (if not, rolls back and says why),
+/// undoes what followed the checkpoint, copies the rest and finishes.
+fn resume(
+    tx: &merge::Transaction,
+    begin: &Begin,
+    records: &[Record],
+    state: &State,
+    opts: &MergeOptions,
+    progress: &mut dyn FnMut(u64, u64),
+    report: &mut RecoverReport,
+) -> Result<()> {
+    let State::Applying {
+        checkpoint: Some((at, cp)),
+    } = state
+    else {
+        unreachable!("decide resumes only a checkpointed merge")
+    };
+    let plan = journal::state::plan(records).ok_or_else(|| {
+        Error::corrupt(
+            &tx.jpath,
+            "journal",
+            0,
+            "a Checkpoint record without the merge's Plan record",
+        )
+    })?;
+    let sources = match sources_unchanged(begin, &tx.files) {
+        Some(why) => Err(why),
+        None => merge::reopen_sources(begin, &tx.files, plan)?,
+    };
+    let sources = match sources {
+        Ok(s) => s,
+        Err(why) => {
+            mark_rollback(&tx.journal)?;
+            rollback_all(&tx.jpath, begin, &tx.files, records)?;
+            return Err(Error::WriteRefused {
+                path: tx.jpath.clone(),
+                reason: format!(
+                    "{why}, so the interrupted merge cannot be resumed; it was rolled back instead and every file is as it was before the merge"
+                ),
+            });
+        }
+    };
+    restore(begin, &tx.files, &records[at + 1..], &cp.lengths)?;
+    merge::failpoint("after-partial-undo");
+    // Runs before the checkpoint, for the final verification (a run an
+    // abandoned attempt copied after it is copied again).
+    let mut before: BTreeMap<u64, (u64, u64, [u8; 32])> = BTreeMap::new();
+    for r in &records[..*at] {
+        if let Record::Copy {
+            offset,
+            length,
+            blake3,
+            ..
+        } = r
+            && *offset < cp.next_offset
+        {
+            before.insert(*offset, (*offset, *length, *blake3));
+        }
+    }
+    report.resumed_from = Some(cp.bytes_done);
+    report.remaining = Some(plan.bytes.saturating_sub(cp.bytes_done));
+    let r = merge::Resume {
+        tx,
+        begin,
+        sources,
+        checkpoint: cp,
+        total: plan.bytes,
+        copied_before: before.into_values().collect(),
+    }
+    .run(opts, progress)?;
+    report.merge = Some(r);
+    report.outcome = Outcome::Finished;
+    Ok(())
+}
+
+/// Why the merged files differ from what Begin recorded (length or the
+/// fingerprint of their first 4 KiB), if they do.
+fn sources_unchanged(begin: &Begin, paths: &[PathBuf]) -> Option<String> {
+    for (f, p) in begin.files.iter().zip(paths) {
+        if !matches!(f.role, Role::Merged { .. }) {
+            continue;
+        }
+        let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        if len != f.length {
+            return Some(format!(
+                "{} changed size since the merge began ({} → {len} bytes)",
+                p.display(),
+                f.length
+            ));
+        }
+        if merge::fingerprint(p).ok().as_deref() != Some(f.fingerprint.as_str()) {
+            return Some(format!(
+                "{} changed since the merge began (its first 4 KiB differ)",
+                p.display()
+            ));
+        }
+    }
+    None
 }
 
 /// The files must be the ones the journal names: same identity (the
 /// ancestor may already carry the merge's new DataWriteGuid), and the merged
 /// files unchanged in length when the merge is to be finished.
-fn check_files(jpath: &Path, begin: &Begin, state: &str, finishing: bool) -> Result<()> {
-    for f in &begin.files {
-        let p = Path::new(&f.path);
+fn check_files(
+    jpath: &Path,
+    begin: &Begin,
+    paths: &[PathBuf],
+    state: &State,
+    finishing: bool,
+) -> Result<()> {
+    for (f, p) in begin.files.iter().zip(paths) {
         let merged = matches!(f.role, Role::Merged { .. });
         if !p.exists() {
-            if merged && state == "cleaning up" {
+            if merged && *state == State::CleaningUp {
                 continue;
             }
             return Err(Error::WriteRefused {
@@ -206,92 +406,106 @@ fn header_is_valid(io: &FileStorage, offset: u64) -> bool {
     io.read_at(&mut b, offset).is_ok() && crate::format::vhdx::header::Header::decode(&b).is_ok()
 }
 
-/// Restores every before-image and the starting lengths, flushes, and
-/// deletes the journal. Applying the same originals again is harmless, so
-/// a crash here is recovered by running it again.
-fn undo(
-    writer: &Arc<Mutex<Writer>>,
-    jpath: &Path,
-    begin: &Begin,
-    records: &[Record],
-) -> Result<()> {
+/// Restores every file to the start (the first image of each page, the
+/// starting lengths), then deletes the journal. Applying the same
+/// originals again is harmless, so a crash here is recovered by running
+/// it again.
+fn rollback_all(jpath: &Path, begin: &Begin, paths: &[PathBuf], records: &[Record]) -> Result<()> {
+    let lengths: Vec<u64> = begin.files.iter().map(|f| f.length).collect();
+    restore(begin, paths, records, &lengths)?;
+    journal::remove(jpath)
+}
+
+/// For every file the merge writes (the ancestor and re-linked children),
+/// writes back the first before-image of each page among `records` that
+/// lies below the file's length in `lengths`, then sets that length and
+/// flushes. With all records and the Begin lengths this is the start;
+/// with the records after a checkpoint and its lengths, that checkpoint.
+fn restore(begin: &Begin, paths: &[PathBuf], records: &[Record], lengths: &[u64]) -> Result<()> {
     let mut images: BTreeMap<u32, Vec<(u64, &[u8])>> = BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
     for r in records {
-        if let Record::BeforeImage { file, offset, data } = r {
+        if let Record::BeforeImage { file, offset, data } = r
+            && seen.insert((*file, *offset))
+            && lengths.get(*file as usize).is_some_and(|l| offset < l)
+        {
             images.entry(*file).or_default().push((*offset, data));
         }
     }
-    for (i, f) in begin.files.iter().enumerate() {
+    for (i, (f, p)) in begin.files.iter().zip(paths).enumerate() {
         // Merged files are never written before cleanup, so there is
         // nothing to undo in them; leaving them alone also leaves alone
         // what another program may have done to them meanwhile.
         if matches!(f.role, Role::Merged { .. }) {
             continue;
         }
-        let p = Path::new(&f.path);
-        let io = FileStorage::open(p, true)?;
-        let restore = |off: u64, data: &[u8]| {
-            io.write_at(data, off)
-                .map_err(|e| Error::io(p, "restoring a before-image", e))
-        };
         let list = images.get(&(i as u32)).map(Vec::as_slice).unwrap_or(&[]);
-        // The header section first, one page at a time with a flush after
-        // each: a crash here then tears at most one of the two VHDX headers,
-        // so the next recovery can still tell which file this is.
-        // Restore a header that is currently torn before the one that is
-        // still valid, so that one valid header survives any single crash.
-        let mut head: Vec<&(u64, &[u8])> =
-            list.iter().filter(|(o, _)| *o < HEADER_SECTION).collect();
-        head.sort_by_key(|(o, _)| (header_is_valid(&io, *o), *o));
-        for (off, data) in head {
-            restore(*off, data)?;
-            io.flush().map_err(|e| Error::io(p, "flushing", e))?;
-        }
-        // The rest in record order, runs of adjacent images as one write
-        // (they are journaled a page at a time).
-        let mut run: (u64, Vec<u8>) = (0, Vec::new());
-        for (off, data) in list.iter().filter(|(o, _)| *o >= HEADER_SECTION) {
-            if run.1.is_empty() || run.0 + run.1.len() as u64 != *off || run.1.len() >= 1 << 20 {
-                if !run.1.is_empty() {
-                    restore(run.0, &run.1)?;
-                }
-                run = (*off, Vec::new());
-            }
-            run.1.extend_from_slice(data);
-        }
-        if !run.1.is_empty() {
-            restore(run.0, &run.1)?;
-        }
-        merge::failpoint("mid-rollback");
-        let len = io.len().map_err(|e| Error::io(p, "reading size", e))?;
-        if len != f.length {
-            io.set_len(f.length)
-                .map_err(|e| Error::io(p, "restoring the length", e))?;
-        }
+        restore_file(p, list, lengths.get(i).copied().unwrap_or(f.length))?;
+    }
+    Ok(())
+}
+
+fn restore_file(p: &Path, list: &[(u64, &[u8])], length: u64) -> Result<()> {
+    let io = FileStorage::open(p, true)?;
+    let restore = |off: u64, data: &[u8]| {
+        io.write_at(data, off)
+            .map_err(|e| Error::io(p, "restoring a before-image", e))
+    };
+    // The header section first, one page at a time with a flush after
+    // each: a crash here then tears at most one of the two VHDX headers,
+    // so the next recovery can still tell which file this is.
+    // Restore a header that is currently torn before the one that is
+    // still valid, so that one valid header survives any single crash.
+    let mut head: Vec<&(u64, &[u8])> = list.iter().filter(|(o, _)| *o < HEADER_SECTION).collect();
+    head.sort_by_key(|(o, _)| (header_is_valid(&io, *o), *o));
+    for (off, data) in head {
+        restore(*off, data)?;
         io.flush().map_err(|e| Error::io(p, "flushing", e))?;
     }
-    drop(writer.lock().unwrap_or_else(|e| e.into_inner()));
-    journal::remove(jpath)
+    // The rest in record order, runs of adjacent images as one write
+    // (they are journaled a page at a time).
+    let mut run: (u64, Vec<u8>) = (0, Vec::new());
+    for (off, data) in list.iter().filter(|(o, _)| *o >= HEADER_SECTION) {
+        if run.1.is_empty() || run.0 + run.1.len() as u64 != *off || run.1.len() >= 1 << 20 {
+            if !run.1.is_empty() {
+                restore(run.0, &run.1)?;
+            }
+            run = (*off, Vec::new());
+        }
+        run.1.extend_from_slice(data);
+    }
+    if !run.1.is_empty() {
+        restore(run.0, &run.1)?;
+    }
+    merge::failpoint("mid-rollback");
+    let len = io.len().map_err(|e| Error::io(p, "reading size", e))?;
+    if len != length {
+        io.set_len(length)
+            .map_err(|e| Error::io(p, "restoring the length", e))?;
+    }
+    io.flush().map_err(|e| Error::io(p, "flushing", e))
 }
 
 /// After commit: every recorded run must read back from the ancestor with
 /// its recorded hash; a run that does not (a lost write) is copied again
 /// from its source, whose hash must match. Returns how many were redone.
-fn redo(writer: &Arc<Mutex<Writer>>, begin: &Begin, records: &[Record]) -> Result<u64> {
-    let a = begin
+fn redo(
+    writer: &Arc<Mutex<Writer>>,
+    begin: &Begin,
+    paths: &[PathBuf],
+    records: &[Record],
+) -> Result<u64> {
+    let a_path = paths[0].as_path();
+    let sources: BTreeMap<u32, &PathBuf> = begin
         .files
         .iter()
-        .find(|f| f.role == Role::Ancestor)
-        .expect("ancestor recorded");
-    let sources: BTreeMap<u32, PathBuf> = begin
-        .files
-        .iter()
-        .filter_map(|f| match f.role {
-            Role::Merged { level } => Some((level, PathBuf::from(&f.path))),
+        .zip(paths)
+        .filter_map(|(f, p)| match f.role {
+            Role::Merged { level } => Some((level, p)),
             _ => None,
         })
         .collect();
-    let view = Chain::open(Path::new(&a.path), &ChainOptions::default())?;
+    let view = Chain::open(a_path, &ChainOptions::default())?;
     let mut bad = Vec::new();
     for r in records {
         if let Record::Copy {
@@ -313,8 +527,8 @@ fn redo(writer: &Arc<Mutex<Writer>>, begin: &Begin, records: &[Record]) -> Resul
     if bad.is_empty() {
         return Ok(0);
     }
-    let format = open_layer(Path::new(&a.path), false)?.format();
-    let mut layer = merge::open_journaled(Path::new(&a.path), 0, writer, format, None)?;
+    let format = open_layer(a_path, false)?.format();
+    let mut layer = merge::open_journaled(a_path, 0, writer, format, None)?;
     for (offset, length, level, source_offset, h) in &bad {
         let mut buf = vec![0u8; *length as usize];
         if let Some(fo) = source_offset {
@@ -326,7 +540,7 @@ fn redo(writer: &Arc<Mutex<Writer>>, begin: &Begin, records: &[Record]) -> Resul
         }
         if blake3::hash(&buf).as_bytes() != h {
             return Err(Error::corrupt(
-                Path::new(&a.path),
+                a_path,
                 "merge source",
                 *offset,
                 "neither the ancestor nor the merged source holds the bytes the journal recorded; the files were modified after the merge. Restore from a backup",

@@ -3,17 +3,21 @@
 //! nothing of VHD or VHDX beyond the fields of its records.
 
 pub mod record;
+pub mod state;
 pub mod storage;
 
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::io::{FileStorage, Storage, fsops};
-pub use record::{Begin, FileEntry, Record, Role};
+pub use record::{Begin, Checkpoint, FileEntry, PlanRecord, Record, Role};
+pub use state::State;
 
 /// "VMJR" little-endian: the first four bytes of every record.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"VMJR");
-pub const VERSION: u16 = 1;
+/// Frames written by this version; it reads versions 1 and 2 (version 1
+/// has no Plan or Checkpoint records).
+pub const VERSION: u16 = 2;
 pub const FRAME_HEADER: usize = 24;
 /// Records larger than this are refused (a before-image batch is far smaller).
 pub const MAX_PAYLOAD: u32 = 64 << 20;
@@ -147,7 +151,7 @@ pub fn decode(path: &Path, buf: &[u8]) -> Result<Loaded> {
                     "journal record",
                     at as u64,
                     format!(
-                        "written by a newer vhdmerge (journal version {v}, this one reads {VERSION}); recover with that version"
+                        "written by a newer vhdmerge (journal version {v}, this one reads up to {VERSION}); recover with that version"
                     ),
                 ));
             }
@@ -220,12 +224,25 @@ pub struct Writer {
     len: u64,
     seq: u64,
     pending: Vec<u8>,
+    /// Checkpoint records appended so far (in this process): the
+    /// write-ahead storage starts imaging afresh after each.
+    checkpoints: u64,
 }
 
 impl Writer {
     /// Creates the journal with its Begin record, durable (file and folder)
     /// before this returns. Refuses to replace an existing journal.
     pub fn create(path: &Path, begin: Begin) -> Result<Writer> {
+        Writer::create_with(path, begin, None)
+    }
+
+    /// Like `create`, with a second record (the merge's Plan) made
+    /// durable in the same sync as Begin.
+    pub fn create_with(
+        path: &Path,
+        begin: Begin,
+        second: impl Into<Option<Record>>,
+    ) -> Result<Writer> {
         let file = FileStorage::create_new(path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 Error::WriteRefused {
@@ -242,8 +259,12 @@ impl Writer {
             len: 0,
             seq: 0,
             pending: Vec::new(),
+            checkpoints: 0,
         };
         w.append(&Record::Begin(begin));
+        if let Some(r) = second.into() {
+            w.append(&r);
+        }
         w.sync()?;
         sync_dir(path)?;
         Ok(w)
@@ -266,12 +287,21 @@ impl Writer {
             len: loaded.valid_len,
             seq: loaded.records.len() as u64,
             pending: Vec::new(),
+            checkpoints: 0,
         })
     }
 
     pub fn append(&mut self, rec: &Record) {
         self.pending.extend_from_slice(&encode(self.seq, rec));
         self.seq += 1;
+        if matches!(rec, Record::Checkpoint(_)) {
+            self.checkpoints += 1;
+        }
+    }
+
+    /// How many Checkpoint records this writer appended.
+    pub fn checkpoints(&self) -> u64 {
+        self.checkpoints
     }
 
     pub fn has_pending(&self) -> bool {
@@ -375,7 +405,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
         let mut b = encode(0, &Record::Begin(begin()));
-        b[4] = 2;
+        b[4] = 3;
         let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..20]), &b[FRAME_HEADER..]);
         b[20..24].copy_from_slice(&crc.to_le_bytes());
         std::fs::write(&p, &b).unwrap();

@@ -46,9 +46,10 @@ pub struct Begin {
 pub enum Record {
     /// Always record 0.
     Begin(Begin),
-    /// Bytes of `files[file]` at `offset` before the merge overwrote them.
-    /// Durable before the bytes are overwritten. Only bytes below the file's
-    /// starting length are imaged; growth is undone by truncation.
+    /// Bytes of `files[file]` at `offset` before the merge overwrote them
+    /// for the first time since Begin or since the last Checkpoint. Durable
+    /// before the bytes are overwritten. Only bytes below the file's length
+    /// at that point are imaged; growth is undone by truncation.
     BeforeImage {
         file: u32,
         offset: u64,
@@ -73,9 +74,36 @@ pub enum Record {
     /// Deleting (or renaming) the merged files has begun: rollback is no
     /// longer possible.
     CleanupStarted,
-    /// An explicit rollback of a committed merge has begun: a later
-    /// recovery must finish the rollback, not the merge.
+    /// An explicit rollback has begun: a later recovery must finish the
+    /// rollback, not the merge.
     RollbackStarted,
+    /// Version 2: what the merge will do, written right after Begin (in
+    /// the same sync) so that a resume can prove it follows the same plan.
+    Plan(PlanRecord),
+    /// Version 2: every run before `next_offset` is durable in the
+    /// ancestor; a crash from here on costs only the work after it.
+    Checkpoint(Checkpoint),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanRecord {
+    /// BLAKE3 over every run the merged levels hold (offset, length,
+    /// level, source offset), in guest order: what a resume must find
+    /// again in the unchanged merged files.
+    pub digest: [u8; 32],
+    /// Guest bytes the merge copies (progress is counted against it).
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The guest offset where the runs still to copy begin.
+    pub next_offset: u64,
+    /// Guest bytes copied before it.
+    pub bytes_done: u64,
+    /// Length of every file of Begin (same order) at this point: a partial
+    /// undo truncates back to them.
+    pub lengths: Vec<u64>,
 }
 
 impl Record {
@@ -87,6 +115,8 @@ impl Record {
             Record::Committed => 4,
             Record::CleanupStarted => 5,
             Record::RollbackStarted => 6,
+            Record::Plan(_) => 7,
+            Record::Checkpoint(_) => 8,
         }
     }
 }

@@ -1,13 +1,21 @@
 //! A storage that keeps the write-ahead rule for one file of a merge.
 //!
-//! A write that overwrites bytes the file had when the merge began is held
-//! back, and the original 4 KiB pages it touches are appended to the
-//! journal as before-images. At the next `flush` (the barrier every caller
-//! already issues between dependent writes) the journal is made durable
-//! first, then the held writes are issued, then the file is flushed. Writes
-//! past the starting length go straight through: truncation undoes them.
-//! So no overwrite ever reaches the disk before its undo information, and
-//! the journal is synced once per barrier, not once per block.
+//! A write that overwrites bytes the file had at the start of the current
+//! epoch (when the merge began, or at its last checkpoint) is held back,
+//! and the 4 KiB pages it touches, as they were at that start, are
+//! appended to the journal as before-images. At the next `flush` (the
+//! barrier every caller already issues between dependent writes) the
+//! journal is made durable first, then the held writes are issued, then
+//! the file is flushed. Writes past the epoch's starting length go straight
+//! through: truncation undoes them. So no overwrite ever reaches the disk
+//! before its undo information, and the journal is synced once per
+//! barrier, not once per block.
+//!
+//! A Checkpoint record (appended by the merge after a barrier, so nothing
+//! is held) starts a new epoch: the first image of each page after it is
+//! the page as it was at the checkpoint, which is what a partial undo
+//! restores; the first image of a page in the whole journal is still its
+//! original, which is what a full rollback restores.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -19,7 +27,11 @@ use crate::io::Storage;
 const PAGE: u64 = 4096;
 
 struct State {
-    /// Pages (below `orig_len`) whose before-image is in the journal.
+    /// The writer's checkpoint count when this epoch began.
+    epoch: u64,
+    /// The file's length when this epoch began.
+    start_len: u64,
+    /// Pages (below `start_len`) imaged in this epoch.
     saved: Vec<u64>,
     /// Overwrites waiting for the journal, by offset.
     held: BTreeMap<u64, Vec<u8>>,
@@ -34,7 +46,6 @@ const MAX_HELD: u64 = 32 << 20;
 pub struct Journaled<S: Storage> {
     inner: S,
     file: u32,
-    orig_len: u64,
     journal: Arc<Mutex<Writer>>,
     state: Mutex<State>,
 }
@@ -45,15 +56,19 @@ fn poisoned() -> io::Error {
 
 impl<S: Storage> Journaled<S> {
     pub fn new(inner: S, file: u32, journal: Arc<Mutex<Writer>>) -> io::Result<Journaled<S>> {
-        let orig_len = inner.len()?;
-        let pages = orig_len.div_ceil(PAGE);
+        let start_len = inner.len()?;
+        let epoch = journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .checkpoints();
         Ok(Journaled {
             inner,
             file,
-            orig_len,
             journal,
             state: Mutex::new(State {
-                saved: vec![0; pages.div_ceil(64) as usize],
+                epoch,
+                start_len,
+                saved: page_set(start_len),
                 held: BTreeMap::new(),
                 held_bytes: 0,
                 poisoned: false,
@@ -65,7 +80,26 @@ impl<S: Storage> Journaled<S> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends before-images of the original pages in [start, end).
+    /// Starts a new epoch if a Checkpoint was appended since the last
+    /// write: its starting length is the length now (nothing has been
+    /// written since the checkpoint's barrier), and no page is imaged yet.
+    fn follow_checkpoints(&self, st: &mut State) -> io::Result<()> {
+        let epoch = self
+            .journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .checkpoints();
+        if epoch != st.epoch {
+            debug_assert!(st.held.is_empty(), "a checkpoint follows a barrier");
+            st.epoch = epoch;
+            st.start_len = self.inner.len()?;
+            st.saved = page_set(st.start_len);
+        }
+        Ok(())
+    }
+
+    /// Appends before-images of the pages in [start, end) not yet imaged
+    /// in this epoch.
     fn image(&self, st: &mut State, start: u64, end: u64) -> io::Result<()> {
         let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
         for page in start / PAGE..end.div_ceil(PAGE) {
@@ -74,7 +108,7 @@ impl<S: Storage> Journaled<S> {
                 continue;
             }
             let off = page * PAGE;
-            let len = PAGE.min(self.orig_len - off) as usize;
+            let len = PAGE.min(st.start_len - off) as usize;
             let mut data = vec![0u8; len];
             self.inner.read_at(&mut data, off)?;
             journal.append(&Record::BeforeImage {
@@ -131,8 +165,9 @@ impl<S: Storage> Storage for Journaled<S> {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.guarded(|st| {
+            self.follow_checkpoints(st)?;
             let end = offset + buf.len() as u64;
-            let split = end.min(self.orig_len).max(offset);
+            let split = end.min(st.start_len).max(offset);
             if split > offset {
                 self.image(st, offset, split)?;
                 let head = buf[..(split - offset) as usize].to_vec();
@@ -168,10 +203,11 @@ impl<S: Storage> Storage for Journaled<S> {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.guarded(|_| {
-            if len < self.orig_len {
+        self.guarded(|st| {
+            self.follow_checkpoints(st)?;
+            if len < st.start_len {
                 return Err(io::Error::other(
-                    "a merge never shrinks a file below its starting length",
+                    "a merge never shrinks a file below its length at the last checkpoint",
                 ));
             }
             self.inner.set_len(len)
@@ -181,6 +217,11 @@ impl<S: Storage> Storage for Journaled<S> {
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
     }
+}
+
+/// A bit per 4 KiB page of a file of `len` bytes.
+fn page_set(len: u64) -> Vec<u64> {
+    vec![0; len.div_ceil(PAGE).div_ceil(64) as usize]
 }
 
 #[cfg(test)]
@@ -219,5 +260,51 @@ mod tests {
         assert!(
             matches!(&l.records[1], Record::BeforeImage { file: 0, offset: 4096, data } if data.len() == 4096 && data.iter().all(|&x| x == 1))
         );
+    }
+
+    /// After a checkpoint a page is imaged again, as it was at the
+    /// checkpoint, and growth before the checkpoint is imaged too.
+    #[test]
+    fn a_checkpoint_starts_a_new_epoch_of_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let jp = dir.path().join("j");
+        let begin = super::super::Begin {
+            tool_version: "t".into(),
+            files: vec![],
+            merged_levels: 1,
+            data_write_guid: None,
+            expected_digest: None,
+            keep: false,
+        };
+        let w = Arc::new(Mutex::new(Writer::create(&jp, begin).unwrap()));
+        let s = Journaled::new(MemStorage::new(vec![1u8; 8192]), 0, w.clone()).unwrap();
+        s.write_at(&[2u8; 4096], 0).unwrap();
+        s.write_at(&[3u8; 4096], 8192).unwrap();
+        s.flush().unwrap();
+        w.lock()
+            .unwrap()
+            .append(&Record::Checkpoint(super::super::Checkpoint {
+                next_offset: 0,
+                bytes_done: 0,
+                lengths: vec![12288],
+            }));
+        s.write_at(&[4u8; 4096], 0).unwrap();
+        s.write_at(&[5u8; 4096], 8192).unwrap();
+        s.flush().unwrap();
+        let l = super::super::load(&jp).unwrap();
+        let images: Vec<(u64, u8)> = l
+            .records
+            .iter()
+            .filter_map(|r| match r {
+                Record::BeforeImage { offset, data, .. } => Some((*offset, data[0])),
+                _ => None,
+            })
+            .collect();
+        // Epoch 0: the original page 0; epoch 1: page 0 and page 2 as the
+        // checkpoint left them.
+        assert_eq!(images, vec![(0, 1), (0, 2), (8192, 3)]);
+        let mut b = [0u8; 1];
+        s.inner.read_at(&mut b, 8192).unwrap();
+        assert_eq!(b[0], 5);
     }
 }

@@ -10,7 +10,9 @@ pub mod preflight;
 mod read;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use serde::Serialize;
 use uuid::Uuid;
@@ -45,6 +47,25 @@ pub struct MergeOptions {
     /// Verify the whole ancestor against the child's content digest (reads
     /// the whole disk twice) instead of every copied run (reads them once).
     pub verify_full: bool,
+    /// Bytes copied between two checkpoints (durable points a crash or a
+    /// pause resumes from); checkpoints are also at most
+    /// `CHECKPOINT_SECONDS` of copying apart.
+    pub checkpoint_bytes: u64,
+    /// Set (by a signal handler) to stop at the next run: the merge makes a
+    /// checkpoint there and returns `Error::Paused`.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+/// The longest a merge copies between two checkpoints.
+pub const CHECKPOINT_SECONDS: f64 = 30.0;
+
+impl MergeOptions {
+    /// Whether a stop was requested (see `stop`).
+    pub fn stop_requested(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+    }
 }
 
 impl Default for MergeOptions {
@@ -56,6 +77,8 @@ impl Default for MergeOptions {
             force: false,
             batch_bytes: 4 << 30,
             verify_full: false,
+            checkpoint_bytes: 1 << 30,
+            stop: None,
         }
     }
 }
@@ -93,6 +116,31 @@ pub struct Plan {
     pub space_needed: u64,
     pub free_space: u64,
     pub journal: PathBuf,
+    /// BLAKE3 of every run (see `hash_run`): recorded in the journal so
+    /// that a resume proves it follows the same plan.
+    #[serde(skip)]
+    pub digest: [u8; 32],
+}
+
+/// Adds one run to a plan digest: offset, length, level, source.
+fn hash_run(h: &mut blake3::Hasher, r: &Run) {
+    h.update(&r.offset.to_le_bytes());
+    h.update(&r.len.to_le_bytes());
+    h.update(&(r.level as u32).to_le_bytes());
+    match r.source {
+        Some(fo) => h.update(&[1]).update(&fo.to_le_bytes()),
+        None => h.update(&[0]),
+    };
+}
+
+/// The plan digest of the runs `chain`'s first `levels` levels hold.
+fn plan_digest(chain: &Chain, levels: usize) -> Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    for_each_run(chain, levels, 0, |r| {
+        hash_run(&mut h, &r);
+        Ok(())
+    })?;
+    Ok(*h.finalize().as_bytes())
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -112,18 +160,22 @@ pub struct Report {
     pub decile_seconds: Vec<f64>,
 }
 
-/// Calls `f` for every run the merged levels (0..ancestor) hold, in order.
-/// Only those levels are asked: a range they all leave to their parent is
-/// skipped whole (a block at a time, not a piece at a time, which matters
-/// on a sparse 64 TiB disk). Runs are at most 4 MiB.
+/// Calls `f` for every run the merged levels (0..ancestor) hold, in order,
+/// from guest offset `from` (0, or where a checkpoint left off: the walk
+/// keeps no state but its position, so it yields the same runs from a run
+/// boundary as a walk from 0 does). Only those levels are asked: a range
+/// they all leave to their parent is skipped whole (a block at a time, not
+/// a piece at a time, which matters on a sparse 64 TiB disk). Runs are at
+/// most 4 MiB.
 pub fn for_each_run(
     chain: &Chain,
     ancestor: usize,
+    from: u64,
     mut f: impl FnMut(Run) -> Result<()>,
 ) -> Result<()> {
     const PIECE: u64 = 4 << 20;
     let size = chain.virtual_size();
-    let mut pos = 0u64;
+    let mut pos = from;
     'walk: while pos < size {
         let mut len = size - pos;
         for level in 0..ancestor {
@@ -172,6 +224,10 @@ pub struct Prepared {
 /// Everything before the first write: open and check the chain, find the
 /// ancestor, siblings and children, size the work, check space and journals.
 pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
+    // First, before the chain is opened: a pending merge has changed the
+    // ancestor's identity, so the chain would fail to open with a less
+    // helpful message.
+    preflight::refuse_pending(&[child])?;
     let chain = Chain::open(
         child,
         &ChainOptions {
@@ -252,7 +308,9 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
     // growing the file), so on a file system with sparse files only
     // these pages take space.
     let mut new_pages = 0u64;
-    for_each_run(&chain, ancestor, |r| {
+    let mut digest = blake3::Hasher::new();
+    for_each_run(&chain, ancestor, 0, |r| {
+        hash_run(&mut digest, &r);
         if r.source.is_none() && ancestor_reads_zero(a, r.offset, r.len)? {
             return Ok(());
         }
@@ -304,6 +362,7 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
         space_needed,
         free_space,
         journal: journal::path_for(a.path()),
+        digest: *digest.finalize().as_bytes(),
     };
     Ok(Prepared {
         chain,
@@ -319,7 +378,7 @@ fn folder_of(p: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
-fn fingerprint(path: &Path) -> Result<String> {
+pub(crate) fn fingerprint(path: &Path) -> Result<String> {
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, "reading", e))?;
     let mut b = vec![0u8; 4096];
     let n = std::os::unix::fs::FileExt::read_at(&f, &mut b, 0)
@@ -376,15 +435,18 @@ pub fn open_journaled(
 
 pub use crate::failpoint::failpoint;
 
+/// A run copied into the ancestor: offset, length, BLAKE3 of its bytes.
+type Copied = (u64, u64, [u8; 32]);
+
 /// Runs a prepared merge to the end.
 pub fn execute(
     p: Prepared,
     opts: &MergeOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report> {
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let Prepared {
-        chain,
+        mut chain,
         ancestor,
         plan,
         relink,
@@ -392,16 +454,86 @@ pub fn execute(
     let mut lock_paths: Vec<&Path> = preflight::layer_paths(&chain)[..=ancestor].to_vec();
     lock_paths.extend(relink.iter().map(|d| d.path.as_path()));
     let locks = preflight::lock_all(&lock_paths)?;
-    let ancestor_path = chain.layers[ancestor].path().to_path_buf();
 
     // The expected result: the child's view, as a content digest.
     let expected = match opts.verify_full {
         true => Some(crate::verify::content_digest(&chain, |_| {})?.root),
         false => None,
     };
+    let (begin, new_guid) = begin_record(&chain, ancestor, &relink, expected, opts.keep)?;
     let a_layer = chain.layers[ancestor].as_ref();
     let format = a_layer.format();
-    let new_guid = (format == Format::Vhdx).then(crate::guid::fresh);
+    let jpath = journal::path_for(a_layer.path());
+    let files: Vec<PathBuf> = begin.files.iter().map(|f| PathBuf::from(&f.path)).collect();
+    let journal = Arc::new(Mutex::new(Writer::create_with(
+        &jpath,
+        begin,
+        Record::Plan(journal::PlanRecord {
+            digest: plan.digest,
+            bytes: plan.bytes,
+        }),
+    )?));
+    failpoint("after-begin");
+
+    let a = open_journaled(a_layer.path(), 0, &journal, format, new_guid)?;
+    let ancestor_path = a_layer.path().to_path_buf();
+    // From here the merge reads only the merged levels; the read-only
+    // ancestor and what lies below it go (on a 64 TiB disk each open layer
+    // holds a 16 MiB BAT).
+    chain.layers.truncate(ancestor);
+    let relinked: Vec<(PathBuf, u32)> = relink
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.path.clone(), 1 + ancestor as u32 + i as u32))
+        .collect();
+    let tx = Transaction {
+        journal,
+        jpath,
+        files: files.iter().map(|f| resolve(&ancestor_path, f)).collect(),
+        ancestor: ancestor_path,
+        relinked,
+        locks,
+        keep: opts.keep,
+    };
+    let applied = Apply {
+        chain: &chain,
+        tx: &tx,
+        opts,
+        total: plan.bytes,
+        started,
+    }
+    .run(a, 0, 0, progress)?;
+    drop(chain);
+    let verified = tx.finish(applied.copied, expected)?;
+    Ok(Report {
+        plan,
+        journal_bytes: verified.journal_bytes,
+        verify: if opts.verify_full { "full" } else { "runs" },
+        runs_verified: verified.runs,
+        expected_digest: expected.map(|e| e.to_hex().to_string()),
+        result_digest: verified.digest.map(|e| e.to_hex().to_string()),
+        verified: true,
+        seconds: started.elapsed().as_secs_f64(),
+        decile_seconds: applied.deciles,
+    })
+}
+
+/// Journal paths are relative to the journal's folder unless absolute.
+fn resolve(ancestor: &Path, recorded: &Path) -> PathBuf {
+    folder_of(ancestor).join(recorded)
+}
+
+/// The Begin record: every file of the merge with what proves its
+/// identity, the new DataWriteGuid (VHDX) and the expected digest.
+fn begin_record(
+    chain: &Chain,
+    ancestor: usize,
+    relink: &[Dependent],
+    expected: Option<blake3::Hash>,
+    keep: bool,
+) -> Result<(Begin, Option<Uuid>)> {
+    let a_layer = chain.layers[ancestor].as_ref();
+    let new_guid = (a_layer.format() == Format::Vhdx).then(crate::guid::fresh);
     let jdir = canonical(a_layer.path())
         .parent()
         .map(Path::to_path_buf)
@@ -414,7 +546,7 @@ pub fn execute(
             &jdir,
         )?);
     }
-    for d in &relink {
+    for d in relink {
         let l = crate::disk::open_layer(&d.path, false)?;
         files.push(file_entry(Role::Relinked, l.as_ref(), &jdir)?);
     }
@@ -424,136 +556,121 @@ pub fn execute(
         merged_levels: ancestor as u32,
         data_write_guid: new_guid.map(|g| g.to_string()),
         expected_digest: expected.map(|e| e.to_hex().to_string()),
-        keep: opts.keep,
+        keep,
     };
-    let jpath = journal::path_for(a_layer.path());
-    let journal = Arc::new(Mutex::new(Writer::create(&jpath, begin)?));
-    failpoint("after-begin");
+    Ok((begin, new_guid))
+}
 
-    let mut a = open_journaled(a_layer.path(), 0, &journal, format, new_guid)?;
-    // From here the merge reads only the merged levels; the read-only
-    // ancestor and what lies below it go (on a 64 TiB disk each open layer
-    // holds a 16 MiB BAT).
-    let mut chain = chain;
-    chain.layers.truncate(ancestor);
-    let mut done = 0u64;
-    let mut since_commit = 0u64;
-    let mut batches = 0u64;
-    let mut copied: Vec<(u64, u64, [u8; 32])> = Vec::new();
-    // When each tenth of the data was copied, to show constant speed.
-    let mut deciles: Vec<f64> = Vec::new();
-    let mut next_decile = 1u64;
-    // A reader thread walks the runs, reads them in groups of up to 8 MiB
-    // (so that their source reads can be merged, see read_pieces) and
-    // hashes them, while this thread journals and writes the group before:
-    // reading, hashing and writing overlap. At most one read group waits.
-    let buffers = Buffers::default();
-    let mut apply_group = |g: ReadGroup, a: &mut Box<dyn Layer>| -> Result<()> {
-        for (r, loaded) in g.runs.iter().zip(&g.datas) {
-            let zeros;
-            let (data, hash): (&[u8], [u8; 32]) = match *loaded {
-                Some((k, hash)) => (g.pieces.get(k), hash),
-                None => {
-                    if ancestor_reads_zero(a.as_ref(), r.offset, r.len)? {
-                        continue;
-                    }
-                    zeros = vec![0u8; r.len as usize];
-                    (&zeros, *blake3::hash(&zeros).as_bytes())
-                }
-            };
-            journal
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .append(&Record::Copy {
-                    offset: r.offset,
-                    length: r.len,
-                    source_level: r.level as u32,
-                    source_offset: r.source,
-                    blake3: hash,
-                });
-            copied.push((r.offset, r.len, hash));
-            a.write(r.offset, data)?;
-            done += r.len;
-            since_commit += r.len;
-            // Commit per batch of data, or sooner when the metadata to log
-            // grows (scattered writes on a large disk touch a BAT page each).
-            if since_commit >= opts.batch_bytes || a.pending_metadata() >= MAX_PENDING_METADATA {
-                locks.check_unchanged(&[ancestor_path.as_path()])?;
-                a.commit()?;
-                since_commit = 0;
-                batches += 1;
-                if batches == 1 {
-                    failpoint("mid-apply");
-                }
-            }
-            while next_decile <= 10 && done * 10 >= plan.bytes * next_decile {
-                deciles.push(started.elapsed().as_secs_f64());
-                next_decile += 1;
-            }
-            progress(done, plan.bytes);
-        }
-        g.pieces.give_back(&buffers);
-        Ok(())
-    };
-    std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<ReadGroup>>(1);
-        let (chain, buffers) = (&chain, &buffers);
-        scope.spawn(move || read_groups(chain, ancestor, buffers, &tx));
-        // Returning early drops the receiver, which stops the reader.
-        for g in rx {
-            apply_group(g?, &mut a)?;
-        }
-        Ok(())
-    })?;
-    // The copy's buffers go before verification takes its own.
-    drop(buffers);
-    locks.check_unchanged(&[ancestor_path.as_path()])?;
-    a.commit()?;
-    failpoint("before-close");
-    a.close()?;
-    let a_identity = a.identity();
-    drop(a);
-    failpoint("after-apply");
+/// The files of one merge and its journal, from Begin to cleanup.
+pub(crate) struct Transaction {
+    pub(crate) journal: Arc<Mutex<Writer>>,
+    pub(crate) jpath: PathBuf,
+    /// Every file of Begin, in its order (index = journal file number).
+    pub(crate) files: Vec<PathBuf>,
+    pub(crate) ancestor: PathBuf,
+    /// Children to re-link, with their journal file numbers.
+    pub(crate) relinked: Vec<(PathBuf, u32)>,
+    pub(crate) locks: preflight::Locks,
+    pub(crate) keep: bool,
+}
 
-    for (i, d) in relink.iter().enumerate() {
-        relink_child(
-            &d.path,
-            1 + ancestor as u32 + i as u32,
-            &journal,
-            &ancestor_path,
-            &a_identity,
-        )?;
-        failpoint("mid-relink");
+/// What verification found after the commit.
+struct Verified {
+    runs: u64,
+    digest: Option<blake3::Hash>,
+    journal_bytes: u64,
+}
+
+impl Transaction {
+    fn append_sync(&self, rec: &Record) -> Result<()> {
+        let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        j.append(rec);
+        j.sync()
     }
-    // Last look before the point of no return: the re-linked children were
-    // written by us just now, the ancestor throughout.
-    let mut ours: Vec<&Path> = vec![ancestor_path.as_path()];
-    ours.extend(relink.iter().map(|d| d.path.as_path()));
-    locks.check_unchanged(&ours)?;
-    {
-        let mut j = journal.lock().unwrap_or_else(|e| e.into_inner());
-        j.append(&Record::Committed);
-        j.sync()?;
-    }
-    failpoint("after-commit");
-    let journal_bytes = journal
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .bytes_written();
-    let merged: Vec<PathBuf> = chain.layers[..ancestor]
-        .iter()
-        .map(|l| l.path().to_path_buf())
-        .collect();
-    let a_path = ancestor_path.clone();
-    drop(chain);
 
-    // Prove it before the merged files go: every copied run reads back from
-    // the ancestor with its BLAKE3 (and, with --verify full, the whole disk
-    // has the child's content digest). A failure leaves the journal for
-    // `recover`, which redoes the runs from the still-present sources.
-    let after = Chain::open(&a_path, &ChainOptions::default())?;
-    // Verify in groups of at most GROUP_BYTES so memory stays bounded.
-    let mut groups: Vec<&[(u64, u64, [u8; 32])]> = Vec::new();
+    /// Makes everything written so far durable and records that point:
+    /// the runs before `next_offset` survive any later crash.
+    fn checkpoint(&self, a: &mut Box<dyn Layer>, next_offset: u64, done: u64) -> Result<()> {
+        self.locks.check_unchanged(&[self.ancestor.as_path()])?;
+        a.commit()?;
+        self.append_checkpoint(next_offset, done)
+    }
+
+    fn append_checkpoint(&self, next_offset: u64, bytes_done: u64) -> Result<()> {
+        let lengths = self
+            .files
+            .iter()
+            .map(|p| std::fs::metadata(p).map(|m| m.len()))
+            .collect::<std::io::Result<Vec<u64>>>()
+            .map_err(|e| Error::io(&self.ancestor, "reading the merge's file sizes", e))?;
+        self.append_sync(&Record::Checkpoint(journal::Checkpoint {
+            next_offset,
+            bytes_done,
+            lengths,
+        }))
+    }
+
+    /// After the last run: close the ancestor, re-link the children,
+    /// commit, verify every copied run and clean up.
+    fn finish(&self, copied: Vec<Copied>, expected: Option<blake3::Hash>) -> Result<Verified> {
+        let ancestor = self.ancestor.as_path();
+        for (child, index) in &self.relinked {
+            let a_identity = crate::disk::open_layer(ancestor, false)?.identity();
+            relink_child(child, *index, &self.journal, ancestor, &a_identity)?;
+            failpoint("mid-relink");
+        }
+        // Last look before the point of no return: the re-linked children were
+        // written by us just now, the ancestor throughout.
+        let mut ours: Vec<&Path> = vec![ancestor];
+        ours.extend(self.relinked.iter().map(|(p, _)| p.as_path()));
+        self.locks.check_unchanged(&ours)?;
+        self.append_sync(&Record::Committed)?;
+        failpoint("after-commit");
+        let journal_bytes = self
+            .journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bytes_written();
+        // Prove it before the merged files go: every copied run reads back from
+        // the ancestor with its BLAKE3 (and, with --verify full, the whole disk
+        // has the child's content digest). A failure leaves the journal for
+        // `recover`, which redoes the runs from the still-present sources.
+        let after = Chain::open(ancestor, &ChainOptions::default())?;
+        verify_runs(&after, ancestor, &copied)?;
+        let digest = match expected {
+            Some(_) => Some(crate::verify::content_digest(&after, |_| {})?.root),
+            None => None,
+        };
+        drop(after);
+        if digest != expected {
+            return Err(Error::corrupt(
+                ancestor,
+                "merged disk",
+                0,
+                "the ancestor's content digest differs from the child's before the merge; the merge is committed but unverified: run `vhdmerge recover`",
+            ));
+        }
+        let merged: Vec<PathBuf> = self
+            .files
+            .iter()
+            .skip(1)
+            .take(self.files.len() - 1 - self.relinked.len())
+            .cloned()
+            .collect();
+        cleanup(&self.journal, &self.jpath, &merged, self.keep)?;
+        Ok(Verified {
+            runs: copied.len() as u64,
+            digest,
+            journal_bytes,
+        })
+    }
+}
+
+/// Re-reads every copied run from the ancestor's view and matches it to
+/// its BLAKE3, in groups of at most GROUP_BYTES (so memory stays bounded)
+/// checked on every core (each reads and hashes its own).
+fn verify_runs(after: &Chain, a_path: &Path, copied: &[Copied]) -> Result<()> {
+    let mut groups: Vec<&[Copied]> = Vec::new();
     let (mut from, mut bytes) = (0usize, 0u64);
     for (i, &(_, len, _)) in copied.iter().enumerate() {
         if bytes > 0 && bytes + len > GROUP_BYTES {
@@ -564,13 +681,12 @@ pub fn execute(
         bytes += len;
     }
     groups.push(&copied[from..]);
-    // Groups are checked on every core (each reads and hashes its own).
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     let buffers = Buffers::default();
     std::thread::scope(|scope| -> Result<()> {
         let handles: Vec<_> = (0..workers)
             .map(|w| {
-                let (groups, after, a_path, buffers) = (&groups, &after, &a_path, &buffers);
+                let (groups, buffers) = (&groups, &buffers);
                 scope.spawn(move || {
                     groups
                         .iter()
@@ -584,32 +700,268 @@ pub fn execute(
             h.join().expect("a verifier thread panicked")?;
         }
         Ok(())
-    })?;
-    let result = match expected {
-        Some(_) => Some(crate::verify::content_digest(&after, |_| {})?.root),
-        None => None,
+    })
+}
+
+/// The copy phase: runs read on a second thread, written into the
+/// ancestor through the journal, with commits and checkpoints.
+struct Apply<'a> {
+    /// The merged levels only.
+    chain: &'a Chain,
+    tx: &'a Transaction,
+    opts: &'a MergeOptions,
+    /// Guest bytes the whole merge copies.
+    total: u64,
+    started: Instant,
+}
+
+/// What the copy phase did.
+struct Applied {
+    copied: Vec<Copied>,
+    /// Seconds from the start at which each tenth of the bytes was copied.
+    deciles: Vec<f64>,
+}
+
+impl Apply<'_> {
+    /// Copies the runs from guest offset `from` on (`done` bytes were
+    /// copied before it), closes the ancestor and records the last
+    /// checkpoint. A stop request ends it at a checkpoint with `Paused`.
+    fn run(
+        &self,
+        mut a: Box<dyn Layer>,
+        from: u64,
+        mut done: u64,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Applied> {
+        let (opts, tx) = (self.opts, self.tx);
+        let levels = self.chain.layers.len();
+        let mut since_commit = 0u64;
+        let mut since_checkpoint = 0u64;
+        let mut last_checkpoint = Instant::now();
+        let mut batches = 0u64;
+        let mut copied: Vec<Copied> = Vec::new();
+        let mut deciles: Vec<f64> = Vec::new();
+        let mut next_decile = 1u64;
+        // A reader thread walks the runs, reads them in groups of up to 8 MiB
+        // (so that their source reads can be merged, see read_pieces) and
+        // hashes them, while this thread journals and writes the group before:
+        // reading, hashing and writing overlap. At most one read group waits.
+        let buffers = Buffers::default();
+        let mut apply_group = |g: ReadGroup, a: &mut Box<dyn Layer>| -> Result<()> {
+            for (r, loaded) in g.runs.iter().zip(&g.datas) {
+                let zeros;
+                let (data, hash): (&[u8], [u8; 32]) = match *loaded {
+                    Some((k, hash)) => (g.pieces.get(k), hash),
+                    None => {
+                        if ancestor_reads_zero(a.as_ref(), r.offset, r.len)? {
+                            continue;
+                        }
+                        zeros = vec![0u8; r.len as usize];
+                        (&zeros, *blake3::hash(&zeros).as_bytes())
+                    }
+                };
+                tx.journal
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .append(&Record::Copy {
+                        offset: r.offset,
+                        length: r.len,
+                        source_level: r.level as u32,
+                        source_offset: r.source,
+                        blake3: hash,
+                    });
+                copied.push((r.offset, r.len, hash));
+                a.write(r.offset, data)?;
+                done += r.len;
+                since_commit += r.len;
+                since_checkpoint += r.len;
+                let stop = opts.stop_requested();
+                if since_checkpoint >= opts.checkpoint_bytes
+                    || last_checkpoint.elapsed().as_secs_f64() >= CHECKPOINT_SECONDS
+                    || stop
+                {
+                    tx.checkpoint(a, r.offset + r.len, done)?;
+                    (since_commit, since_checkpoint) = (0, 0);
+                    last_checkpoint = Instant::now();
+                    batches += 1;
+                    batch_failpoints(batches);
+                    if stop {
+                        return Err(Error::Paused {
+                            ancestor: tx.ancestor.clone(),
+                            percent: percent(done, self.total),
+                        });
+                    }
+                // Commit per batch of data, or sooner when the metadata to log
+                // grows (scattered writes on a large disk touch a BAT page each).
+                } else if since_commit >= opts.batch_bytes
+                    || a.pending_metadata() >= MAX_PENDING_METADATA
+                {
+                    tx.locks.check_unchanged(&[tx.ancestor.as_path()])?;
+                    a.commit()?;
+                    since_commit = 0;
+                    batches += 1;
+                    batch_failpoints(batches);
+                }
+                while next_decile <= 10 && done * 10 >= self.total * next_decile {
+                    deciles.push(self.started.elapsed().as_secs_f64());
+                    next_decile += 1;
+                }
+                progress(done, self.total);
+            }
+            g.pieces.give_back(&buffers);
+            Ok(())
+        };
+        std::thread::scope(|scope| -> Result<()> {
+            let (send, rx) = std::sync::mpsc::sync_channel::<Result<ReadGroup>>(1);
+            let (chain, buffers) = (self.chain, &buffers);
+            scope.spawn(move || read_groups(chain, levels, from, buffers, &send));
+            // Returning early drops the receiver, which stops the reader.
+            for g in rx {
+                apply_group(g?, &mut a)?;
+            }
+            Ok(())
+        })?;
+        // The copy's buffers go before verification takes its own.
+        drop(buffers);
+        tx.locks.check_unchanged(&[tx.ancestor.as_path()])?;
+        a.commit()?;
+        failpoint("before-close");
+        a.close()?;
+        drop(a);
+        // Every run is durable: a crash while re-linking resumes here.
+        tx.append_checkpoint(self.chain.virtual_size(), done)?;
+        failpoint("after-apply");
+        Ok(Applied { copied, deciles })
+    }
+}
+
+/// `mid-apply` after the first commit of a copy phase, `after-batch-N`
+/// after the Nth (a commit or a checkpoint).
+fn batch_failpoints(batches: u64) {
+    if batches == 1 {
+        failpoint("mid-apply");
+    }
+    failpoint(&format!("after-batch-{batches}"));
+}
+
+fn percent(done: u64, total: u64) -> f64 {
+    match total {
+        0 => 100.0,
+        t => done as f64 * 100.0 / t as f64,
+    }
+}
+
+/// Continues an interrupted merge from its last checkpoint: the ancestor
+/// and re-linked children are exactly as that checkpoint left them (the
+/// caller undid what came after), the merged files are unchanged.
+pub(crate) struct Resume<'a> {
+    pub(crate) tx: &'a Transaction,
+    pub(crate) begin: &'a Begin,
+    /// The merged levels, top first.
+    pub(crate) sources: Chain,
+    pub(crate) checkpoint: &'a journal::Checkpoint,
+    pub(crate) total: u64,
+    /// Runs copied before the checkpoint, from the journal's Copy records.
+    pub(crate) copied_before: Vec<Copied>,
+}
+
+/// Opens the merged files a journal names, top first, and checks that they
+/// still hold the runs the merge planned. `Ok(Err(why))` when they do not.
+pub(crate) fn reopen_sources(
+    begin: &Begin,
+    paths: &[PathBuf],
+    plan: &journal::PlanRecord,
+) -> Result<std::result::Result<Chain, String>> {
+    let mut merged: Vec<(u32, &PathBuf)> = begin
+        .files
+        .iter()
+        .zip(paths)
+        .filter_map(|(f, p)| match f.role {
+            Role::Merged { level } => Some((level, p)),
+            _ => None,
+        })
+        .collect();
+    merged.sort();
+    let mut layers = Vec::new();
+    for (_, p) in merged {
+        layers.push(crate::disk::open_layer(p, false)?);
+    }
+    let chain = Chain {
+        layers,
+        links: vec![],
     };
-    drop(after);
-    if result != expected {
-        return Err(Error::corrupt(
-            &a_path,
-            "merged disk",
-            0,
-            "the ancestor's content digest differs from the child's before the merge; the merge is committed but unverified: run `vhdmerge recover`",
+    let levels = chain.layers.len();
+    if plan_digest(&chain, levels)? != plan.digest {
+        return Ok(Err(
+            "the merged files no longer hold the runs the merge planned (their data map changed)"
+                .into(),
         ));
     }
-    cleanup(&journal, &jpath, &merged, opts.keep)?;
-    Ok(Report {
-        plan,
-        journal_bytes,
-        verify: if opts.verify_full { "full" } else { "runs" },
-        runs_verified: copied.len() as u64,
-        expected_digest: expected.map(|e| e.to_hex().to_string()),
-        result_digest: result.map(|e| e.to_hex().to_string()),
-        verified: true,
-        seconds: started.elapsed().as_secs_f64(),
-        decile_seconds: deciles,
-    })
+    Ok(Ok(chain))
+}
+
+impl Resume<'_> {
+    pub(crate) fn run(
+        self,
+        opts: &MergeOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Report> {
+        let started = Instant::now();
+        let a_path = &self.tx.ancestor;
+        let format = crate::disk::open_layer(a_path, false)?.format();
+        let guid = self
+            .begin
+            .data_write_guid
+            .as_deref()
+            .and_then(|g| Uuid::parse_str(g).ok());
+        let a = open_journaled(a_path, 0, &self.tx.journal, format, guid)?;
+        let cp = self.checkpoint;
+        let applied = Apply {
+            chain: &self.sources,
+            tx: self.tx,
+            opts,
+            total: self.total,
+            started,
+        }
+        .run(a, cp.next_offset, cp.bytes_done, progress)?;
+        drop(self.sources);
+        let expected = self
+            .begin
+            .expected_digest
+            .as_deref()
+            .and_then(|h| blake3::Hash::from_hex(h).ok());
+        let mut copied = self.copied_before;
+        copied.extend(applied.copied);
+        let verified = self.tx.finish(copied, expected)?;
+        Ok(Report {
+            plan: Plan {
+                child: self.tx.files.get(1).cloned().unwrap_or_default(),
+                ancestor: a_path.clone(),
+                format,
+                merged: self.tx.files[1..self.tx.files.len() - self.tx.relinked.len()].to_vec(),
+                relink: self.tx.relinked.iter().map(|(p, _)| p.clone()).collect(),
+                siblings: vec![],
+                runs: verified.runs,
+                bytes: self.total,
+                overwrite_bytes: 0,
+                new_blocks: 0,
+                new_bytes: 0,
+                journal_estimate: 0,
+                space_needed: 0,
+                free_space: 0,
+                journal: self.tx.jpath.clone(),
+                digest: [0; 32],
+            },
+            journal_bytes: verified.journal_bytes,
+            verify: if expected.is_some() { "full" } else { "runs" },
+            runs_verified: verified.runs,
+            expected_digest: expected.map(|e| e.to_hex().to_string()),
+            result_digest: verified.digest.map(|e| e.to_hex().to_string()),
+            verified: true,
+            seconds: started.elapsed().as_secs_f64(),
+            decile_seconds: applied.deciles,
+        })
+    }
 }
 
 /// Changed metadata (BAT and bitmap pages) held before an early commit.

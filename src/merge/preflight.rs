@@ -74,10 +74,14 @@ pub fn pending_journal(path: &Path) -> Result<Option<PathBuf>> {
 pub fn refuse_pending(paths: &[&Path]) -> Result<()> {
     for p in paths {
         if let Some(j) = pending_journal(p)? {
+            let what = match journal::load(&j) {
+                Ok(l) => format!("an interrupted {}", journal::state::summary(&l)),
+                Err(_) => "an interrupted merge".into(),
+            };
             return Err(Error::WriteRefused {
                 path: p.to_path_buf(),
                 reason: format!(
-                    "an interrupted merge left the journal {}; run `vhdmerge recover {}` first",
+                    "{what} left the journal {}; run `vhdmerge recover {}` first (it continues that merge; `--rollback` undoes it)",
                     j.display(),
                     p.display()
                 ),

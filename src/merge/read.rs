@@ -111,12 +111,13 @@ fn read_group(layers: &[Box<dyn Layer>], runs: Vec<Run>, buffers: &Buffers) -> R
 pub(super) fn read_groups(
     chain: &Chain,
     ancestor: usize,
+    from: u64,
     buffers: &Buffers,
     tx: &std::sync::mpsc::SyncSender<Result<ReadGroup>>,
 ) {
     let mut group: Vec<Run> = Vec::new();
     let mut group_bytes = 0u64;
-    let walked = for_each_run(chain, ancestor, |r| {
+    let walked = for_each_run(chain, ancestor, from, |r| {
         group_bytes += r.len;
         group.push(r);
         if group_bytes >= GROUP_BYTES || group.len() >= 4096 {
