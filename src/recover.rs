@@ -178,7 +178,7 @@ pub fn recover_journal(
             report.outcome = Outcome::Finished;
         }
         Action::Resume => {
-            let tx = merge::Transaction {
+            let mut tx = merge::Transaction {
                 journal: writer,
                 jpath: jpath.to_path_buf(),
                 files: paths.clone(),
@@ -188,7 +188,7 @@ pub fn recover_journal(
                 keep: begin.keep,
             };
             resume(
-                &tx,
+                &mut tx,
                 &begin,
                 &loaded.records,
                 &state,
@@ -237,7 +237,7 @@ fn relinked(begin: &Begin, paths: &[PathBuf]) -> Vec<(PathBuf, u32)> {
 /// files still hold the planned runs (if not, rolls back and says why),
 /// undoes what followed the checkpoint, copies the rest and finishes.
 fn resume(
-    tx: &merge::Transaction,
+    tx: &mut merge::Transaction,
     begin: &Begin,
     records: &[Record],
     state: &State,
@@ -277,6 +277,7 @@ fn resume(
         }
     };
     restore(begin, &tx.files, &records[at + 1..], &cp.lengths)?;
+    tx.locks.refresh()?;
     merge::failpoint("after-partial-undo");
     // Runs before the checkpoint, for the final verification (a run an
     // abandoned attempt copied after it is copied again).

@@ -21,8 +21,9 @@ use common::Rng;
 use sim::{Files, Scratch, Sim, fingerprint, name, snapshot, variants};
 use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
 use vhdmerge::io::trace::{self, Fault, Op};
+use vhdmerge::journal::State;
 use vhdmerge::merge::{self, MergeOptions};
-use vhdmerge::recover::{self, Outcome};
+use vhdmerge::recover::{self, Action, Outcome};
 
 /// Tracing and the GUID seed are process-wide: one test at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -167,18 +168,54 @@ fn opts(s: &Scenario, dir: &Path) -> MergeOptions {
     }
 }
 
+/// The finished merge: its files, and what each disk's chain reads as. A
+/// merge resumed from a checkpoint must read the same, but its VHDX
+/// headers and log (new FileWriteGuid, LogGuid and sequence numbers for
+/// the resumed session) and VHD timestamps legitimately differ.
+struct Finished {
+    files: Files,
+    views: std::collections::BTreeMap<String, String>,
+}
+
+impl Finished {
+    fn of(dir: &Path, files: Files) -> Finished {
+        Finished {
+            views: views(dir),
+            files,
+        }
+    }
+}
+
+/// The content digest of every disk in `dir`, opened as a chain.
+fn views(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut v = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if !vhdmerge::merge::preflight::is_disk_name(&p) {
+            continue;
+        }
+        let d = vhdmerge::Chain::open(&p, &Default::default())
+            .and_then(|c| vhdmerge::verify::content_digest(&c, |_| {}))
+            .map(|d| d.root.to_hex().to_string())
+            .unwrap_or_else(|e| format!("unreadable: {e}"));
+        v.insert(name(&p), d);
+    }
+    v
+}
+
 fn run_merge(child: &Path, o: &MergeOptions) -> vhdmerge::Result<()> {
     let p = merge::prepare(child, o)?;
     merge::execute(p, o, &mut |_, _| {}).map(|_| ())
 }
 
-/// Recovers `dir` (if a journal is there) and checks the invariant.
-/// Returns a description of a violation, if any.
+/// Recovers `dir` (if a journal is there) and checks the invariant: the
+/// start, the finished merge, or (resumed from a checkpoint) a merge that
+/// reads exactly as the finished one, as the journal's state says.
 fn recover_and_check(
     scratch: &mut Scratch,
     ancestor: &str,
     start: &Files,
-    finished: &Files,
+    finished: &Finished,
     rollback: bool,
 ) -> Result<(), String> {
     let dir = scratch.path().to_path_buf();
@@ -191,19 +228,16 @@ fn recover_and_check(
             .map_err(|e| format!("journal unreadable: {e}"))?,
         false => None,
     };
-    let has = |kind| {
-        journal
-            .as_ref()
-            .is_some_and(|l| l.records.iter().any(|r| r.kind() == kind))
-    };
-    let (committed, cleanup) = (has(4), has(5));
+    let action = journal
+        .as_ref()
+        .map(|l| recover::decide(&State::of(&l.records), rollback));
     if jpath.exists() {
         trace::start(dir, false, None, true);
         let r = std::panic::catch_unwind(|| recover::recover(&a, rollback));
         trace::stop();
         match r {
             Err(_) => return Err("recover panicked".into()),
-            Ok(Err(e)) if rollback && cleanup => {
+            Ok(Err(e)) if action == Some(Action::RefuseRollback) => {
                 if !e.to_string().contains("only be finished") {
                     return Err(format!("unexpected refusal: {e}"));
                 }
@@ -211,10 +245,9 @@ fn recover_and_check(
             }
             Ok(Err(e)) => return Err(format!("recover failed: {e}")),
             Ok(Ok(rep)) => {
-                let want = if committed && !rollback {
-                    Outcome::Finished
-                } else {
-                    Outcome::RolledBack
+                let want = match action {
+                    Some(Action::Finish | Action::Resume) => Outcome::Finished,
+                    _ => Outcome::RolledBack,
                 };
                 if rep.outcome != want {
                     return Err(format!(
@@ -226,8 +259,14 @@ fn recover_and_check(
         }
     }
     let now = scratch.read();
-    if &now == start || &now == finished {
+    // A merge that was resumed (now, or by a recovery this one continues
+    // or that already deleted its journal) reads as the finished one
+    // without being byte-identical to it.
+    let resumed = matches!(action, None | Some(Action::Resume | Action::Finish));
+    if &now == start || now == finished.files {
         Ok(())
+    } else if resumed {
+        same_as_finished(dir, &now, finished)
     } else {
         let diff: Vec<String> = now
             .keys()
@@ -241,6 +280,37 @@ fn recover_and_check(
             "neither the start nor the finished merge; files differing from the start: {diff:?}"
         ))
     }
+}
+
+/// A resumed merge: the same files, of the same lengths, every disk
+/// reading exactly as in the finished merge and passing `check`.
+fn same_as_finished(dir: &Path, now: &Files, finished: &Finished) -> Result<(), String> {
+    let lengths =
+        |f: &Files| -> Vec<(String, u64)> { f.iter().map(|(k, v)| (k.clone(), v.len())).collect() };
+    if lengths(now) != lengths(&finished.files) {
+        return Err(format!(
+            "resumed merge: files {:?}, the finished merge has {:?}",
+            lengths(now),
+            lengths(&finished.files)
+        ));
+    }
+    let views = views(dir);
+    if views != finished.views {
+        return Err(format!(
+            "resumed merge reads differently: {views:?}, finished {:?}",
+            finished.views
+        ));
+    }
+    for name in views.keys() {
+        let r = vhdmerge::verify::check::check(&dir.join(name), None);
+        if r.status != vhdmerge::verify::check::Status::Clean {
+            return Err(format!(
+                "resumed merge: {name} fails check: {:?}",
+                r.findings
+            ));
+        }
+    }
+    Ok(())
 }
 
 struct Totals {
@@ -262,23 +332,27 @@ struct Params {
     recovery_every: usize,
     /// Bytes per durable batch of the merge: smaller, more flush points.
     batch_bytes: u64,
+    /// Bytes between checkpoints: crashes after one resume the merge.
+    checkpoint_bytes: u64,
     /// Extra scattered writes per level (see `build_with`).
     extra_writes: usize,
 }
 
 /// Recovery modes that take different paths for this state: `--rollback`
-/// differs from the default only for a committed merge whose cleanup has
-/// not begun (before commit both roll back, through the same code).
+/// differs from the default where `decide` says so (a committed merge
+/// whose cleanup has not begun, a merge with a checkpoint).
 fn modes(state: &Files, ancestor: &str) -> &'static [bool] {
     let j = state
         .get(&format!("{ancestor}{}", vhdmerge::journal::SUFFIX))
         .and_then(|b| vhdmerge::journal::decode(Path::new("journal"), &b.to_vec()).ok());
     match j {
-        Some(l)
-            if l.records.iter().any(|r| r.kind() == 4)
-                && !l.records.iter().any(|r| r.kind() == 5) =>
-        {
-            &[false, true]
+        Some(l) => {
+            let st = State::of(&l.records);
+            if recover::decide(&st, false) != recover::decide(&st, true) {
+                &[false, true]
+            } else {
+                &[false]
+            }
         }
         _ => &[false],
     }
@@ -295,13 +369,15 @@ fn explore(s: &Scenario, p: Params) -> Totals {
     work.set(&start);
     let mut o = opts(s, work.path());
     o.batch_bytes = p.batch_bytes;
+    o.checkpoint_bytes = p.checkpoint_bytes;
     let wchild = work.path().join(name(&child));
     trace::start(work.path(), true, None, true);
     vhdmerge::guid::set_seed(Some(4242));
     let r = run_merge(&wchild, &o);
     let (ops, _) = trace::stop();
     r.unwrap();
-    let finished = work.read();
+    let files = work.read();
+    let finished = Finished::of(work.path(), files);
     let ancestor =
         name(
             o.into
@@ -382,7 +458,7 @@ fn crash_during_recovery(
     state: &Files,
     scratch: &mut Scratch,
     ancestor: &str,
-    (start, finished): (&Files, &Files),
+    (start, finished): (&Files, &Finished),
     rng: &mut Rng,
     seen: &mut std::collections::HashSet<[u8; 32]>,
     scenario: &str,
@@ -411,12 +487,15 @@ fn crash_during_recovery(
             if !seen.insert(fingerprint(&second)) {
                 continue;
             }
-            scratch.set(&second);
-            if let Err(e) = recover_and_check(scratch, ancestor, start, finished, false) {
-                panic!(
-                    "{scenario}: crash during recovery before its operation {i} of {}: {e}",
-                    ops.len()
-                );
+            // Interrupted resumes are also rolled back to the exact start.
+            for &rollback in modes(&second, ancestor) {
+                scratch.set(&second);
+                if let Err(e) = recover_and_check(scratch, ancestor, start, finished, rollback) {
+                    panic!(
+                        "{scenario}: crash during recovery before its operation {i} of {}, rollback={rollback}: {e}",
+                        ops.len()
+                    );
+                }
             }
             n += 1;
         }
@@ -534,12 +613,13 @@ fn every_crash_state_recovers() {
     // each point and sweeping a second crash through the recovery of every
     // third state.
     let runs: Vec<Params> = if full {
-        [(256 << 10, 0), (64 << 10, 12)]
-            .map(|(batch_bytes, extra_writes)| Params {
+        [(256 << 10, 0, 1 << 30), (64 << 10, 12, 256 << 10)]
+            .map(|(batch_bytes, extra_writes, checkpoint_bytes)| Params {
                 cap: 48,
                 tears: 16,
                 recovery_every: 3,
                 batch_bytes,
+                checkpoint_bytes,
                 extra_writes,
             })
             .to_vec()
@@ -549,6 +629,7 @@ fn every_crash_state_recovers() {
             tears: 16,
             recovery_every: 5,
             batch_bytes: 256 << 10,
+            checkpoint_bytes: 512 << 10,
             extra_writes: 0,
         }]
     };
@@ -574,11 +655,12 @@ fn every_crash_state_recovers() {
                 let t0 = std::time::Instant::now();
                 let t = explore(s, *p);
                 eprintln!(
-                    "crash states: {:>7} distinct, {:>6} distinct second crashes during recovery  [{}, {} KiB batches, {} extra writes; {:.0} s]",
+                    "crash states: {:>7} distinct, {:>6} distinct second crashes during recovery  [{}, {} KiB batches, {} KiB checkpoints, {} extra writes; {:.0} s]",
                     t.states,
                     t.recovery_crashes,
                     s.name,
                     p.batch_bytes >> 10,
+                    p.checkpoint_bytes >> 10,
                     p.extra_writes,
                     t0.elapsed().as_secs_f64()
                 );
@@ -671,7 +753,8 @@ fn faults_at_every_operation_abort_cleanly() {
         vhdmerge::guid::set_seed(Some(4242));
         run_merge(&work.path().join(name(&child)), &o).unwrap();
         let (_, count) = trace::stop();
-        let finished = work.read();
+        let files = work.read();
+        let finished = Finished::of(work.path(), files);
         let ancestor =
             name(
                 o.into
@@ -775,7 +858,11 @@ fn regression_second_crash_during_rollback_tears_at_most_one_header() {
             ops.len()
         );
         dir.set(&files);
-        if let Err(e) = recover_and_check(&mut dir, "l0.vhdx", &start, &start, true) {
+        let only_start = Finished {
+            files: start.clone(),
+            views: Default::default(),
+        };
+        if let Err(e) = recover_and_check(&mut dir, "l0.vhdx", &start, &only_start, true) {
             panic!("crash before rollback operation {i}: {e}");
         }
         checked += 1;

@@ -184,6 +184,19 @@ pub fn lock_all(paths: &[&Path]) -> Result<Locks> {
 }
 
 impl Locks {
+    /// Takes the sizes and modification times afresh, after recovery
+    /// itself wrote the files (a partial undo before a resume).
+    pub fn refresh(&mut self) -> Result<()> {
+        for l in &mut self.files {
+            let m = l
+                .file
+                .metadata()
+                .map_err(|e| Error::io(&l.path, "reading metadata", e))?;
+            (l.len, l.modified) = (m.len(), m.modified().ok());
+        }
+        Ok(())
+    }
+
     /// Refuses if any locked path now names another file (replaced,
     /// renamed or deleted), or if a file the merge does not write (all but
     /// `written`) changed size or modification time.

@@ -140,6 +140,10 @@ impl Image {
     pub fn to_vec(&self) -> Vec<u8> {
         self.read(0, self.len as usize)
     }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
 }
 
 pub type Files = BTreeMap<String, Image>;
