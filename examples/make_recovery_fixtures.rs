@@ -7,6 +7,11 @@
 //! it at a named failpoint (`VHDMERGE_FAIL_AT`), so the files are exactly
 //! what a kill at that instant leaves; two more cut the journal's last
 //! record (a torn tail). GUIDs are seeded, so the fixtures are repeatable.
+//!
+//! Fixtures 01-15 hold version-1 journals and 16 on version-2 ones
+//! (checkpoints, resumes). A fixture folder that exists is left alone:
+//! the frozen journals are the compatibility contract. Set
+//! `VHDMERGE_REGENERATE=1` to rewrite them all.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,6 +25,10 @@ struct Fixture {
     /// A grandchild exists (re-link), merge level 1 into the base.
     relink: bool,
     merge_at: &'static str,
+    /// Merge with a checkpoint every 256 KiB (version 2 only).
+    checkpoints: bool,
+    /// Optional: start `recover` (a resume) and stop it here.
+    recover_at: Option<&'static str>,
     /// Optional: start `recover --rollback` and stop it here.
     rollback_at: Option<&'static str>,
     /// Cut this many bytes off the journal's end.
@@ -33,11 +42,26 @@ fn fixtures() -> Vec<Fixture> {
         vhdx,
         relink,
         merge_at,
+        checkpoints: false,
+        recover_at: None,
         rollback_at,
         tear,
         what,
     };
-    vec![
+    // Version 2: checkpoints at 256 KiB with 64 KiB batches over about 20
+    // runs, so that batch 6 lies after the second checkpoint (batches 1 and 4).
+    let v2 = |name, vhdx, relink, merge_at, recover_at, rollback_at, what| Fixture {
+        name,
+        vhdx,
+        relink,
+        merge_at,
+        checkpoints: true,
+        recover_at,
+        rollback_at,
+        tear: 0,
+        what,
+    };
+    let mut all = vec![
         f(
             "01-vhdx-after-planning",
             true,
@@ -173,10 +197,68 @@ fn fixtures() -> Vec<Fixture> {
             0,
             "VHD: rollback of a committed merge marked, nothing restored yet",
         ),
-    ]
+    ];
+    for vhdx in [true, false] {
+        let name = |n: &'static str, vhd: &'static str| if vhdx { n } else { vhd };
+        let fmt = if vhdx { "" } else { "VHD: " };
+        let what = |s: &str| -> &'static str { format!("{fmt}{s}").leak() };
+        all.extend([
+            v2(
+                name("16-vhdx-after-checkpoint", "21-vhd-after-checkpoint"),
+                vhdx,
+                false,
+                "after-batch-6",
+                None,
+                None,
+                what("two checkpoints durable, copies after the second not yet checkpointed: recover resumes"),
+            ),
+            v2(
+                name("17-vhdx-mid-partial-undo", "22-vhd-mid-partial-undo"),
+                vhdx,
+                false,
+                "after-batch-6",
+                Some("mid-rollback"),
+                None,
+                what("a resume undoing the writes after the last checkpoint was interrupted"),
+            ),
+            v2(
+                name("18-vhdx-mid-resume", "23-vhd-mid-resume"),
+                vhdx,
+                false,
+                "after-batch-6",
+                Some("after-batch-2"),
+                None,
+                what("a resume was interrupted while copying the remaining runs"),
+            ),
+            v2(
+                name(
+                    "19-vhdx-resume-then-rollback-interrupted",
+                    "24-vhd-resume-then-rollback-interrupted",
+                ),
+                vhdx,
+                false,
+                "after-batch-6",
+                Some("after-batch-2"),
+                Some("mid-rollback"),
+                what("an interrupted resume, then an interrupted --rollback of it"),
+            ),
+            v2(
+                name("20-vhdx-checkpointed-mid-relink", "25-vhd-checkpointed-mid-relink"),
+                vhdx,
+                true,
+                "mid-relink",
+                None,
+                None,
+                what("every copy checkpointed, the grandchild re-linked, not committed: recover resumes at the re-link"),
+            ),
+        ]);
+    }
+    all
 }
 
-fn build(dir: &Path, vhdx: bool, relink: bool) -> PathBuf {
+/// `runs`: eight more writes of 96 KiB per level, apart, so that a merge
+/// makes several commits and checkpoints (version-2 fixtures).
+fn build(dir: &Path, vhdx: bool, relink: bool, runs: bool) -> PathBuf {
     let size = 4u64 << 20;
     let ext = |i: usize| match (vhdx, i) {
         (true, 0) => "vhdx",
@@ -225,6 +307,13 @@ fn build(dir: &Path, vhdx: bool, relink: bool) -> PathBuf {
         c.write((i as u64) << 20, &vec![fill; 1 << 20]).unwrap();
         c.write(2_500_000 + i as u64 * 1000, &vec![fill + 1; 3000])
             .unwrap();
+        for k in 0..8u64 * u64::from(runs) {
+            c.write(
+                (2 << 20) + k * (256 << 10) + i as u64 * 4096,
+                &vec![fill + 2; 96 << 10],
+            )
+            .unwrap();
+        }
         c.close().unwrap();
         drop(c);
         paths.push(p);
@@ -273,6 +362,27 @@ fn digests(dir: &Path) -> serde_json::Value {
     files.into()
 }
 
+/// File name → content digest of what it reads as (its chain), for every
+/// disk in `dir`.
+fn views(dir: &Path) -> serde_json::Value {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| vhdmerge::merge::preflight::is_disk_name(p))
+        .collect();
+    names.sort();
+    let mut out = serde_json::Map::new();
+    for p in names {
+        let c = Chain::open(&p, &ChainOptions::default()).unwrap();
+        let d = vhdmerge::verify::content_digest(&c, |_| {}).unwrap();
+        out.insert(
+            p.file_name().unwrap().to_string_lossy().to_string(),
+            d.root.to_hex().to_string().into(),
+        );
+    }
+    out.into()
+}
+
 fn gzip(from: &Path, to: &Path) {
     let data = std::fs::read(from).unwrap();
     let out = std::fs::File::create(to).unwrap();
@@ -287,10 +397,14 @@ fn main() {
         vhdmerge().exists(),
         "build the vhdmerge binary first: cargo build"
     );
+    let regenerate = std::env::var_os("VHDMERGE_REGENERATE").is_some();
     for fx in fixtures() {
+        if root.join(fx.name).exists() && !regenerate {
+            continue;
+        }
         vhdmerge::guid::set_seed(Some(7));
         let pristine = tempfile::tempdir().unwrap();
-        let child = build(pristine.path(), fx.vhdx, fx.relink);
+        let child = build(pristine.path(), fx.vhdx, fx.relink, fx.checkpoints);
         let start = digests(pristine.path());
         // The uninterrupted merge of the same files, for comparison.
         let clean = tempfile::tempdir().unwrap();
@@ -313,15 +427,21 @@ fn main() {
         copy_dir(pristine.path(), tmp.path());
         let child = tmp.path().join(child.file_name().unwrap());
         let base = tmp.path().join(if fx.vhdx { "l0.vhdx" } else { "l0.vhd" });
-        let ok = run(
-            &["merge", "--batch", "64K", child.to_str().unwrap()],
-            Some(fx.merge_at),
-        );
+        let mut args = vec!["merge", "--batch", "64K", child.to_str().unwrap()];
+        if fx.checkpoints {
+            args.extend(["--checkpoint-every", "256K"]);
+        }
+        let ok = run(&args, Some(fx.merge_at));
         assert!(
             !ok,
             "{}: the merge was not stopped at {}",
             fx.name, fx.merge_at
         );
+        if let Some(at) = fx.recover_at {
+            let args = ["recover", "--batch", "64K", "--checkpoint-every", "256K"];
+            let ok = run(&[&args[..], &[base.to_str().unwrap()]].concat(), Some(at));
+            assert!(!ok, "{}: the resume was not stopped at {at}", fx.name);
+        }
         if let Some(at) = fx.rollback_at {
             let ok = run(&["recover", "--rollback", base.to_str().unwrap()], Some(at));
             assert!(!ok, "{}: the rollback was not stopped at {at}", fx.name);
@@ -369,7 +489,13 @@ fn main() {
                 return serde_json::json!({ "refused": String::from_utf8_lossy(&o.stderr).trim() });
             }
             let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-            serde_json::json!({ "outcome": r["outcome"], "files": digests(t.path()) })
+            if r["resumed_from"].is_null() {
+                serde_json::json!({ "outcome": r["outcome"], "files": digests(t.path()) })
+            } else {
+                // A resumed session writes its own VHDX header GUIDs: what
+                // must match is what every disk reads as.
+                serde_json::json!({ "outcome": r["outcome"], "resumed": true, "views": views(t.path()) })
+            }
         };
         let expected = serde_json::json!({
             "crash_point": fx.what,
@@ -379,6 +505,7 @@ fn main() {
             "ancestor": base.file_name().unwrap().to_string_lossy(),
             "before_merge": start,
             "uninterrupted_merge": finished,
+            "uninterrupted_views": views(clean.path()),
             "after_recover": outcome(false),
             "after_rollback": outcome(true),
         });
