@@ -154,7 +154,7 @@ pub fn recover_journal(
     // rollback never touches them, so one that another program changed
     // after the merge began does not stand in the way of undoing it. A
     // resume checks them itself and rolls back if they changed.
-    check_files(jpath, &begin, &paths, &state, action == Action::Finish)?;
+    check_files(jpath, &begin, &paths, &state, action)?;
     let present: Vec<&Path> = paths
         .iter()
         .map(PathBuf::as_path)
@@ -310,12 +310,26 @@ fn resume(
     Ok(())
 }
 
-/// Why the merged files differ from what Begin recorded (length or the
-/// fingerprint of their first 4 KiB), if they do.
+/// Why the merged files differ from what Begin recorded (missing, another
+/// identity, length or the fingerprint of their first 4 KiB), if they do.
 fn sources_unchanged(begin: &Begin, paths: &[PathBuf]) -> Option<String> {
     for (f, p) in begin.files.iter().zip(paths) {
         if !matches!(f.role, Role::Merged { .. }) {
             continue;
+        }
+        if !p.exists() {
+            return Some(format!("{} is missing", p.display()));
+        }
+        match crate::disk::identity_of(p).map(|i| i.describe()) {
+            Ok(id) if id == f.identity => {}
+            Ok(id) => {
+                return Some(format!(
+                    "{} was written to since the merge began (its identity is {id}, the journal recorded {})",
+                    p.display(),
+                    f.identity
+                ));
+            }
+            Err(e) => return Some(format!("{} cannot be read ({e})", p.display())),
         }
         let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         if len != f.length {
@@ -343,10 +357,16 @@ fn check_files(
     begin: &Begin,
     paths: &[PathBuf],
     state: &State,
-    finishing: bool,
+    action: Action,
 ) -> Result<()> {
+    let finishing = action == Action::Finish;
     for (f, p) in begin.files.iter().zip(paths) {
         let merged = matches!(f.role, Role::Merged { .. });
+        // A resume checks the merged files itself, and rolls back if
+        // they changed (`sources_unchanged`).
+        if merged && action == Action::Resume {
+            continue;
+        }
         if !p.exists() {
             if merged && *state == State::CleaningUp {
                 continue;
@@ -551,4 +571,79 @@ fn redo(
     }
     layer.close()?;
     Ok(bad.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{Checkpoint, Record};
+
+    fn checkpoint() -> Record {
+        Record::Checkpoint(Checkpoint {
+            next_offset: 1 << 20,
+            bytes_done: 1 << 20,
+            lengths: vec![],
+        })
+    }
+
+    /// `decide` is the table of journal-format.md §4, row by row.
+    #[test]
+    fn decisions_follow_the_table() {
+        let cases = [
+            (
+                vec![],
+                Action::Rollback { mark: false },
+                Action::Rollback { mark: false },
+            ),
+            (
+                vec![checkpoint()],
+                Action::Resume,
+                Action::Rollback { mark: true },
+            ),
+            (
+                vec![checkpoint(), Record::Committed],
+                Action::Finish,
+                Action::Rollback { mark: true },
+            ),
+            (
+                vec![Record::Committed, Record::RollbackStarted],
+                Action::Rollback { mark: false },
+                Action::Rollback { mark: false },
+            ),
+            (
+                vec![checkpoint(), Record::RollbackStarted],
+                Action::Rollback { mark: false },
+                Action::Rollback { mark: false },
+            ),
+            (
+                vec![Record::Committed, Record::CleanupStarted],
+                Action::Finish,
+                Action::RefuseRollback,
+            ),
+        ];
+        for (records, default, rollback) in cases {
+            let state = State::of(&records);
+            assert_eq!(decide(&state, false), default, "{records:?}");
+            assert_eq!(decide(&state, true), rollback, "{records:?}");
+        }
+    }
+
+    /// The last Checkpoint is the one a resume starts from.
+    #[test]
+    fn the_last_checkpoint_counts() {
+        let later = Record::Checkpoint(Checkpoint {
+            next_offset: 2 << 20,
+            bytes_done: 2 << 20,
+            lengths: vec![],
+        });
+        let records = vec![checkpoint(), Record::Committed];
+        assert_eq!(State::of(&records), State::Committed);
+        let records = vec![checkpoint(), later.clone()];
+        match State::of(&records) {
+            State::Applying {
+                checkpoint: Some((1, c)),
+            } => assert_eq!(c.next_offset, 2 << 20),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -180,27 +180,10 @@ struct Finished {
 impl Finished {
     fn of(dir: &Path, files: Files) -> Finished {
         Finished {
-            views: views(dir),
+            views: common::folder_views(dir),
             files,
         }
     }
-}
-
-/// The content digest of every disk in `dir`, opened as a chain.
-fn views(dir: &Path) -> std::collections::BTreeMap<String, String> {
-    let mut v = std::collections::BTreeMap::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if !vhdmerge::merge::preflight::is_disk_name(&p) {
-            continue;
-        }
-        let d = vhdmerge::Chain::open(&p, &Default::default())
-            .and_then(|c| vhdmerge::verify::content_digest(&c, |_| {}))
-            .map(|d| d.root.to_hex().to_string())
-            .unwrap_or_else(|e| format!("unreadable: {e}"));
-        v.insert(name(&p), d);
-    }
-    v
 }
 
 fn run_merge(child: &Path, o: &MergeOptions) -> vhdmerge::Result<()> {
@@ -294,7 +277,7 @@ fn same_as_finished(dir: &Path, now: &Files, finished: &Finished) -> Result<(), 
             lengths(&finished.files)
         ));
     }
-    let views = views(dir);
+    let views = common::folder_views(dir);
     if views != finished.views {
         return Err(format!(
             "resumed merge reads differently: {views:?}, finished {:?}",

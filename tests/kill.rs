@@ -1,6 +1,8 @@
 //! The real binary, SIGKILLed at random moments of a merge of a 1 GiB
 //! chain (30 times per format), then recovered: the guest sees either the
-//! chain as it was (files byte-identical) or the finished merge.
+//! chain as it was (files byte-identical) or the finished merge, and the
+//! finished merge whenever a checkpoint was durable. In every other round
+//! the resuming `recover` is SIGKILLed too, and `recover` runs again.
 
 mod common;
 
@@ -74,6 +76,26 @@ fn build(dir: &Path, vhdx: bool) -> (PathBuf, PathBuf) {
     (base, child)
 }
 
+/// Runs `cmd` and SIGKILLs it after `delay` (if it is still running).
+fn kill_after(cmd: &mut Command, delay: Duration) {
+    let mut proc = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    let _ = proc.kill();
+    let _ = proc.wait();
+}
+
+fn has_checkpoint(journal: &Path) -> bool {
+    vhdmerge::journal::load(journal).is_ok_and(|l| {
+        l.records
+            .iter()
+            .any(|r| matches!(r, vhdmerge::journal::Record::Checkpoint(_)))
+    })
+}
+
 #[test]
 fn sigkill_at_random_moments_then_recover() {
     for vhdx in [true, false] {
@@ -103,24 +125,35 @@ fn sigkill_at_random_moments_then_recover() {
         );
         let full = t.elapsed();
         let mut rng = Rng(if vhdx { 11 } else { 12 });
-        let (mut rolled, mut finished) = (0, 0);
+        let (mut rolled, mut finished, mut resumes_killed) = (0, 0, 0);
         for round in 0..30 {
             for e in std::fs::read_dir(work.path()).unwrap() {
                 std::fs::remove_file(e.unwrap().path()).unwrap();
             }
             copy(work.path());
-            let mut proc = Command::new(bin)
-                .args(["--quiet", "merge", "--batch", "8M"])
-                .arg(&wc)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
             let delay = Duration::from_micros(rng.below(full.as_micros() as u64 * 11 / 10 + 1));
-            std::thread::sleep(delay);
-            let _ = proc.kill();
-            let _ = proc.wait();
-            if vhdmerge::journal::path_for(&wb).exists() {
+            kill_after(
+                Command::new(bin)
+                    .args([
+                        "--quiet",
+                        "merge",
+                        "--batch",
+                        "8M",
+                        "--checkpoint-every",
+                        "32M",
+                    ])
+                    .arg(&wc),
+                delay,
+            );
+            let jpath = vhdmerge::journal::path_for(&wb);
+            let checkpointed = jpath.exists() && has_checkpoint(&jpath);
+            if round % 2 == 1 && checkpointed {
+                // Kill the resume too, somewhere in its first part.
+                let d = Duration::from_micros(rng.below(full.as_micros() as u64 / 2 + 1));
+                kill_after(Command::new(bin).args(["--quiet", "recover"]).arg(&wb), d);
+                resumes_killed += 1;
+            }
+            if jpath.exists() {
                 let o = Command::new(bin)
                     .args(["--quiet", "recover"])
                     .arg(&wb)
@@ -132,6 +165,10 @@ fn sigkill_at_random_moments_then_recover() {
                     String::from_utf8_lossy(&o.stderr)
                 );
             }
+            assert!(
+                !(checkpointed && wc.exists()),
+                "round {round} (killed after {delay:?}): a checkpoint was durable, yet the merge was rolled back"
+            );
             if wc.exists() {
                 assert_eq!(
                     [file_digest(&wb), file_digest(&wc)],
@@ -150,7 +187,7 @@ fn sigkill_at_random_moments_then_recover() {
             }
         }
         eprintln!(
-            "{}: 30 kills over a {:?} merge: {rolled} rolled back byte-identical, {finished} finished",
+            "{}: 30 kills over a {:?} merge ({resumes_killed} resumes killed too): {rolled} rolled back byte-identical, {finished} finished",
             if vhdx { "VHDX" } else { "VHD" },
             full
         );

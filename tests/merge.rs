@@ -443,6 +443,7 @@ fn interrupted_merges_recover_at_every_phase() {
         );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let finished = folder_digests(clean.path());
+        let finished_views = common::folder_views(clean.path());
         let base = if vhdx { "l0.vhdx" } else { "l0.vhd" };
         let phases = [
             "after-begin",
@@ -454,6 +455,8 @@ fn interrupted_merges_recover_at_every_phase() {
             "mid-cleanup",
         ];
         let committed = ["after-commit", "mid-cleanup"];
+        // After the last run's checkpoint: recover resumes there.
+        let checkpointed = ["after-apply", "mid-relink"];
         let mut checked = 0;
         for phase in phases {
             for rollback in [false, true] {
@@ -490,6 +493,21 @@ fn interrupted_merges_recover_at_every_phase() {
                         folder_digests(dir.path()),
                         finished,
                         "{phase}: finished result"
+                    );
+                } else if checkpointed.contains(&phase) && !rollback {
+                    assert!(
+                        r.status.success(),
+                        "{phase}: {}",
+                        String::from_utf8_lossy(&r.stderr)
+                    );
+                    let names = |d: &[(String, String)]| -> Vec<String> {
+                        d.iter().map(|(n, _)| n.clone()).collect()
+                    };
+                    assert_eq!(names(&after), names(&finished), "{phase}: files");
+                    assert_eq!(
+                        common::folder_views(dir.path()),
+                        finished_views,
+                        "{phase}: a resumed merge must read as the uninterrupted one"
                     );
                 } else if committed.contains(&phase) && !rollback {
                     assert!(

@@ -483,9 +483,10 @@ fn a_journal_written_by_a_newer_version() {
     let (d, b) = interrupted_merge();
     let jp = vhdmerge::journal::path_for(&b);
     let mut j = std::fs::read(&jp).unwrap();
-    // Every frame says version 2, with its checksum made right.
+    // Every frame says the next version, with its checksum made right.
+    let newer = vhdmerge::journal::VERSION + 1;
     for (at, n) in frames(&j) {
-        j[at + 4..at + 6].copy_from_slice(&2u16.to_le_bytes());
+        j[at + 4..at + 6].copy_from_slice(&newer.to_le_bytes());
         let crc = crc32c::crc32c_append(crc32c::crc32c(&j[at..at + 20]), &j[at + 24..at + n]);
         j[at + 20..at + 24].copy_from_slice(&crc.to_le_bytes());
     }

@@ -276,6 +276,25 @@ pub fn folder_digests(dir: &Path) -> Vec<(String, String)> {
     v
 }
 
+/// File name → content digest of what each disk in `dir` reads as (its
+/// chain), or why it cannot be read. A merge resumed from a checkpoint
+/// must read as the uninterrupted one; its VHDX header GUIDs differ.
+pub fn folder_views(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut v = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if !vhdmerge::merge::preflight::is_disk_name(&p) {
+            continue;
+        }
+        let d = vhdmerge::Chain::open(&p, &Default::default())
+            .and_then(|c| vhdmerge::verify::content_digest(&c, |_| {}))
+            .map(|d| d.root.to_hex().to_string())
+            .unwrap_or_else(|e| format!("unreadable: {e}"));
+        v.insert(p.file_name().unwrap().to_string_lossy().to_string(), d);
+    }
+    v
+}
+
 /// Opens the chain whose top is `path` for writing.
 pub fn open_writable(path: impl AsRef<Path>) -> vhdmerge::Chain {
     vhdmerge::Chain::open(
