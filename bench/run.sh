@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side merge benchmark: vhdmerge merge vs qemu-img commit vs a plain
 # copy with one fsync, on the same written ranges, several rounds, medians
-# and ratios from one run. Usage:
-#   bench/run.sh [a b c d e]      (default: all workloads)
+# and ratios from one run; and the cost of checkpoints, and of resuming a
+# killed merge (workload r). Usage:
+#   bench/run.sh [a b c d e r]    (default: all workloads)
 # Environment: BENCH_DIR (scratch folder, default /tmp/vhdmerge-bench),
 # ROUNDS (default 3). Prints a Markdown report on stdout.
 set -euo pipefail
@@ -12,7 +13,7 @@ V=$PWD/target/release/vhdmerge
 F=$PWD/target/release/examples/bench_fill
 W=${BENCH_DIR:-/tmp/vhdmerge-bench}
 ROUNDS=${ROUNDS:-3}
-WORKLOADS=${*:-a b c d e}
+WORKLOADS=${*:-a b c d e r}
 rm -rf "$W"; mkdir -p "$W"
 GiB=$((1 << 30)); MiB=$((1 << 20))
 
@@ -57,6 +58,15 @@ prepare() {
         done
         echo $((2 * GiB)) > "$d/bytes"
         ;;
+    r)
+        # 4 GiB in whole 4 MiB pieces over an 8 GiB disk, merged, killed
+        # at 50 % and 90 % of its copy, and resumed.
+        $V --quiet create "$d/base.vhdx" --size $((8 * GiB)) --block-size 32M > /dev/null
+        $V --quiet create "$d/child.avhdx" --parent "$d/base.vhdx" > /dev/null
+        $F "$d/child.avhdx" whole $((4 * GiB)) 1 "$d/cmds"
+        echo $((4 * GiB)) > "$d/bytes"
+        return
+        ;;
     d)
         $V --quiet create "$d/base.vhd" --size $((4 * GiB)) > /dev/null
         $V --quiet create "$d/child.avhd" --parent "$d/base.vhd" > /dev/null
@@ -96,6 +106,7 @@ merge() {
 
 run() {
     local wl=$1 d=$W/$1/src r=$W/$1/run
+    if [ "$wl" = r ]; then run_resume; return; fi
     for round in $(seq "$ROUNDS"); do
         rm -rf "$r"; mkdir -p "$r"; cp --sparse=always "$d"/* "$r"/
         merge "$wl-vhdmerge" "$wl" "$r" --json
@@ -114,7 +125,78 @@ run() {
         # What deleting the merged files costs on its own: the default
         # merge is about --keep plus this.
         timed "$wl-rm" rm -f "$r"/*.merged
+        # Without checkpoints but the last (and the 30 s bound): what the
+        # default 1 GiB checkpoints cost.
+        rm -rf "$r"; mkdir -p "$r"; cp --sparse=always "$d"/* "$r"/
+        merge "$wl-nockpt" "$wl" "$r" --keep --checkpoint-every 1T
     done
+}
+
+# Guest bytes of the Copy records in a journal (frames: 24-byte header,
+# kind at 6; a Copy payload starts with its u32 variant index, then offset
+# and length as u64 LE), counting each offset once.
+journal_copied() {
+    python3 - "$1" <<'PY'
+import struct, sys
+b = open(sys.argv[1], "rb").read()
+at, runs = 0, {}
+while at + 24 <= len(b):
+    kind, = struct.unpack_from("<H", b, at + 6)
+    n, = struct.unpack_from("<I", b, at + 16)
+    if at + 24 + n > len(b):
+        break
+    if kind == 3:
+        off, ln = struct.unpack_from("<QQ", b, at + 24 + 4)
+        runs[off] = ln
+    at += 24 + n
+print(sum(runs.values()))
+PY
+}
+
+# Workload r: an uninterrupted merge --keep, then the same merge killed
+# (SIGKILL) when the uninterrupted one had copied 50 % and 90 %, and the
+# `recover` that resumes it, each timed with a cold cache.
+run_resume() {
+    local d=$W/r/src r=$W/r/run
+    for round in $(seq "$ROUNDS"); do
+        rm -rf "$r"; mkdir -p "$r"; cp --sparse=always "$d"/* "$r"/
+        timed r-full "$V" --quiet merge --keep --json "$r/child.avhdx"
+        cp "$W/r-full.last" "$W/r-full-$round.json"
+        for pct in 50 90; do
+            rm -rf "$r"; mkdir -p "$r"; cp --sparse=always "$d"/* "$r"/
+            local at
+            at=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['decile_seconds'][$pct // 10 - 1])" "$W/r-full-$round.json")
+            drop_caches
+            "$V" --quiet merge --keep "$r/child.avhdx" > /dev/null 2>&1 &
+            local pid=$!
+            sleep "$at"; kill -9 "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+            echo "$(journal_copied "$r/base.vhdx.vhdmerge-journal")" >> "$W/r-killed-$pct.bytes"
+            timed "r-recover-$pct" "$V" --quiet recover --json "$r/base.vhdx"
+            cp "$W/r-recover-$pct.last" "$W/r-recover-$pct-$round.json"
+        done
+    done
+}
+
+report_resume() {
+    python3 - "$W" <<'PY'
+import glob, json, statistics, sys
+w = sys.argv[1]
+med = statistics.median
+full = med(float(l.split()[0]) for l in open(f"{w}/r-full.times"))
+print(f"Uninterrupted `merge --keep` of 4 GiB: {full:.2f} s (median).\n")
+print("| killed at | copied when killed (journal) | resumed_from | remaining | recover (median) | recover / uninterrupted merge | peak RSS |")
+print("|---|---|---|---|---|---|---|")
+for pct in (50, 90):
+    times = [l.split() for l in open(f"{w}/r-recover-{pct}.times")]
+    t = med(float(x[0]) for x in times)
+    rss = med(int(x[1]) for x in times) / 1024
+    killed = [int(l) for l in open(f"{w}/r-killed-{pct}.bytes")]
+    reps = [json.load(open(p)) for p in sorted(glob.glob(f"{w}/r-recover-{pct}-*.json"))]
+    rf = [r.get("resumed_from") or 0 for r in reps]
+    rem = [r.get("remaining") or 0 for r in reps]
+    gib = lambda v: "/".join(f"{x / 2**30:.2f}" for x in v) + " GiB"
+    print(f"| {pct} % | {gib(killed)} | {gib(rf)} | {gib(rem)} | {t:.2f} s | {t / full:.2f} | {rss:.1f} MiB |")
+PY
 }
 
 report() {
@@ -159,4 +241,16 @@ PY
 for wl in $WORKLOADS; do prepare "$wl"; run "$wl"; done
 echo "| workload | merged data | vhdmerge merge (median) | merge --keep | rm of the merged files | rate | qemu-img commit | ratio vs qemu (merge / --keep) | plain copy + fsync | ratio vs copy (merge / --keep) | vhdmerge peak RSS | journal | first / last decile (last / first) |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-for wl in $WORKLOADS; do report "$wl"; done
+for wl in $WORKLOADS; do [ "$wl" = r ] || report "$wl"; done
+echo
+echo "Checkpoint cost: merge --keep with the default 1 GiB checkpoints against --checkpoint-every 1T (only the last one, and the 30 s bound):"
+echo
+echo "| workload | default checkpoints | without | overhead |"
+echo "|---|---|---|---|"
+for wl in $WORKLOADS; do
+    [ -f "$W/$wl-nockpt.times" ] || continue
+    k=$(awk '{print $1}' "$W/$wl-keep.times" | median)
+    n=$(awk '{print $1}' "$W/$wl-nockpt.times" | median)
+    echo "| $wl | $k s | $n s | $(python3 -c "print(f'{$k / $n - 1:+.1%}')") |"
+done
+if [[ " $WORKLOADS " == *" r "* ]]; then echo; report_resume; fi

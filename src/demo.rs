@@ -160,7 +160,14 @@ pub fn run() -> Result<(), Error> {
     let exe = std::env::current_exe()
         .map_err(|e| Error::Invalid(format!("cannot find this program: {e}")))?;
     let status = std::process::Command::new(exe)
-        .args(["--quiet", "merge", "--batch", "64K"])
+        .args([
+            "--quiet",
+            "merge",
+            "--batch",
+            "64K",
+            "--checkpoint-every",
+            "256K",
+        ])
         .arg(&grandchild)
         .env("VHDMERGE_FAIL_AT", point)
         .stdout(std::process::Stdio::null())
@@ -171,14 +178,17 @@ pub fn run() -> Result<(), Error> {
 
     step(
         8,
-        "recover: the journal decides whether to finish or roll back",
+        "recover: the journal decides whether to resume from the last checkpoint, finish or roll back",
     );
     let r = recover::recover(&base, false)?;
     out!(
-        "    {:?} (journal said: {}, {} before-images)",
+        "    {:?} (journal said: {}, {} before-images{})",
         r.outcome,
         r.state,
-        r.before_images
+        r.before_images,
+        r.resumed_from
+            .map(|b| format!(", resumed with {b} bytes already merged"))
+            .unwrap_or_default()
     );
     let top = if grandchild.exists() {
         &grandchild
