@@ -13,7 +13,9 @@ pub mod guid;
 pub mod io;
 pub mod journal;
 pub mod merge;
+pub mod paths;
 pub mod recover;
+pub mod transaction;
 pub mod verify;
 
 pub use disk::{Chain, ChainOptions};

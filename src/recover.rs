@@ -9,11 +9,10 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::disk::{Chain, ChainOptions, open_layer};
 use crate::error::{Error, Result};
-use crate::io::{FileStorage, Storage};
 use crate::journal::{self, Begin, Record, Role, State, Writer};
 use crate::merge::{self, MergeOptions, preflight};
+use crate::transaction::{self, mark_rollback, redo, restore, rollback_all};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -83,7 +82,7 @@ pub fn decide(state: &State, rollback: bool) -> Action {
 
 /// Finds the journal that covers `disk`: beside it, or in its folder naming it.
 pub fn find(disk: &Path) -> Result<Option<PathBuf>> {
-    preflight::pending_journal(disk)
+    transaction::pending_journal(disk)
 }
 
 /// Recovers with default options (no progress, default checkpoints).
@@ -174,16 +173,16 @@ pub fn recover_journal(
         }
         Action::Finish => {
             report.redone_runs = redo(&writer, &begin, &paths, &loaded.records)?;
-            merge::cleanup(&writer, jpath, &merged_paths(&begin, &paths), begin.keep)?;
+            transaction::cleanup(&writer, jpath, &merged_paths(&begin, &paths), begin.keep)?;
             report.outcome = Outcome::Finished;
         }
         Action::Resume => {
-            let mut tx = merge::Transaction {
+            let mut tx = transaction::Transaction {
                 journal: writer,
                 jpath: jpath.to_path_buf(),
                 files: paths.clone(),
                 ancestor: paths[0].clone(),
-                relinked: relinked(&begin, &paths),
+                relinked: transaction::relinked_of(&begin, &paths),
                 locks,
                 keep: begin.keep,
             };
@@ -202,16 +201,6 @@ pub fn recover_journal(
     Ok(report)
 }
 
-fn mark_rollback(writer: &Arc<Mutex<Writer>>) -> Result<()> {
-    {
-        let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-        w.append(&Record::RollbackStarted);
-        w.sync()?;
-    }
-    merge::failpoint("recover-after-rollback-mark");
-    Ok(())
-}
-
 fn merged_paths(begin: &Begin, paths: &[PathBuf]) -> Vec<PathBuf> {
     begin
         .files
@@ -222,22 +211,11 @@ fn merged_paths(begin: &Begin, paths: &[PathBuf]) -> Vec<PathBuf> {
         .collect()
 }
 
-fn relinked(begin: &Begin, paths: &[PathBuf]) -> Vec<(PathBuf, u32)> {
-    begin
-        .files
-        .iter()
-        .zip(paths)
-        .enumerate()
-        .filter(|(_, (f, _))| f.role == Role::Relinked)
-        .map(|(i, (_, p))| (p.clone(), i as u32))
-        .collect()
-}
-
 /// Continues a merge from its last checkpoint: checks that the merged
 /// files still hold the planned runs (if not, rolls back and says why),
 /// undoes what followed the checkpoint, copies the rest and finishes.
 fn resume(
-    tx: &mut merge::Transaction,
+    tx: &mut transaction::Transaction,
     begin: &Begin,
     records: &[Record],
     state: &State,
@@ -339,7 +317,7 @@ fn sources_unchanged(begin: &Begin, paths: &[PathBuf]) -> Option<String> {
                 f.length
             ));
         }
-        if merge::fingerprint(p).ok().as_deref() != Some(f.fingerprint.as_str()) {
+        if transaction::fingerprint(p).ok().as_deref() != Some(f.fingerprint.as_str()) {
             return Some(format!(
                 "{} changed since the merge began (its first 4 KiB differ)",
                 p.display()
@@ -412,165 +390,6 @@ fn check_files(
         }
     }
     Ok(())
-}
-
-/// The VHDX header section (file identifier, both headers, both region tables).
-const HEADER_SECTION: u64 = 1 << 20;
-
-/// Whether the 4 KiB at `offset` currently hold a valid VHDX header (false
-/// for pages that are not header slots, which are restored after).
-fn header_is_valid(io: &FileStorage, offset: u64) -> bool {
-    if !crate::format::vhdx::HEADER_OFFSETS.contains(&offset) {
-        return true;
-    }
-    let mut b = vec![0u8; 4096];
-    io.read_at(&mut b, offset).is_ok() && crate::format::vhdx::header::Header::decode(&b).is_ok()
-}
-
-/// Restores every file to the start (the first image of each page, the
-/// starting lengths), then deletes the journal. Applying the same
-/// originals again is harmless, so a crash here is recovered by running
-/// it again.
-fn rollback_all(jpath: &Path, begin: &Begin, paths: &[PathBuf], records: &[Record]) -> Result<()> {
-    let lengths: Vec<u64> = begin.files.iter().map(|f| f.length).collect();
-    restore(begin, paths, records, &lengths)?;
-    journal::remove(jpath)
-}
-
-/// For every file the merge writes (the ancestor and re-linked children),
-/// writes back the first before-image of each page among `records` that
-/// lies below the file's length in `lengths`, then sets that length and
-/// flushes. With all records and the Begin lengths this is the start;
-/// with the records after a checkpoint and its lengths, that checkpoint.
-fn restore(begin: &Begin, paths: &[PathBuf], records: &[Record], lengths: &[u64]) -> Result<()> {
-    let mut images: BTreeMap<u32, Vec<(u64, &[u8])>> = BTreeMap::new();
-    let mut seen = std::collections::HashSet::new();
-    for r in records {
-        if let Record::BeforeImage { file, offset, data } = r
-            && seen.insert((*file, *offset))
-            && lengths.get(*file as usize).is_some_and(|l| offset < l)
-        {
-            images.entry(*file).or_default().push((*offset, data));
-        }
-    }
-    for (i, (f, p)) in begin.files.iter().zip(paths).enumerate() {
-        // Merged files are never written before cleanup, so there is
-        // nothing to undo in them; leaving them alone also leaves alone
-        // what another program may have done to them meanwhile.
-        if matches!(f.role, Role::Merged { .. }) {
-            continue;
-        }
-        let list = images.get(&(i as u32)).map(Vec::as_slice).unwrap_or(&[]);
-        restore_file(p, list, lengths.get(i).copied().unwrap_or(f.length))?;
-    }
-    Ok(())
-}
-
-fn restore_file(p: &Path, list: &[(u64, &[u8])], length: u64) -> Result<()> {
-    let io = FileStorage::open(p, true)?;
-    let restore = |off: u64, data: &[u8]| {
-        io.write_at(data, off)
-            .map_err(|e| Error::io(p, "restoring a before-image", e))
-    };
-    // The header section first, one page at a time with a flush after
-    // each: a crash here then tears at most one of the two VHDX headers,
-    // so the next recovery can still tell which file this is.
-    // Restore a header that is currently torn before the one that is
-    // still valid, so that one valid header survives any single crash.
-    let mut head: Vec<&(u64, &[u8])> = list.iter().filter(|(o, _)| *o < HEADER_SECTION).collect();
-    head.sort_by_key(|(o, _)| (header_is_valid(&io, *o), *o));
-    for (off, data) in head {
-        restore(*off, data)?;
-        io.flush().map_err(|e| Error::io(p, "flushing", e))?;
-    }
-    // The rest in record order, runs of adjacent images as one write
-    // (they are journaled a page at a time).
-    let mut run: (u64, Vec<u8>) = (0, Vec::new());
-    for (off, data) in list.iter().filter(|(o, _)| *o >= HEADER_SECTION) {
-        if run.1.is_empty() || run.0 + run.1.len() as u64 != *off || run.1.len() >= 1 << 20 {
-            if !run.1.is_empty() {
-                restore(run.0, &run.1)?;
-            }
-            run = (*off, Vec::new());
-        }
-        run.1.extend_from_slice(data);
-    }
-    if !run.1.is_empty() {
-        restore(run.0, &run.1)?;
-    }
-    merge::failpoint("mid-rollback");
-    let len = io.len().map_err(|e| Error::io(p, "reading size", e))?;
-    if len != length {
-        io.set_len(length)
-            .map_err(|e| Error::io(p, "restoring the length", e))?;
-    }
-    io.flush().map_err(|e| Error::io(p, "flushing", e))
-}
-
-/// After commit: every recorded run must read back from the ancestor with
-/// its recorded hash; a run that does not (a lost write) is copied again
-/// from its source, whose hash must match. Returns how many were redone.
-fn redo(
-    writer: &Arc<Mutex<Writer>>,
-    begin: &Begin,
-    paths: &[PathBuf],
-    records: &[Record],
-) -> Result<u64> {
-    let a_path = paths[0].as_path();
-    let sources: BTreeMap<u32, &PathBuf> = begin
-        .files
-        .iter()
-        .zip(paths)
-        .filter_map(|(f, p)| match f.role {
-            Role::Merged { level } => Some((level, p)),
-            _ => None,
-        })
-        .collect();
-    let view = Chain::open(a_path, &ChainOptions::default())?;
-    let mut bad = Vec::new();
-    for r in records {
-        if let Record::Copy {
-            offset,
-            length,
-            source_level,
-            source_offset,
-            blake3: h,
-        } = r
-        {
-            let mut buf = vec![0u8; *length as usize];
-            view.read(*offset, &mut buf)?;
-            if blake3::hash(&buf).as_bytes() != h {
-                bad.push((*offset, *length, *source_level, *source_offset, *h));
-            }
-        }
-    }
-    drop(view);
-    if bad.is_empty() {
-        return Ok(0);
-    }
-    let format = open_layer(a_path, false)?.format();
-    let mut layer = merge::open_journaled(a_path, 0, writer, format, None)?;
-    for (offset, length, level, source_offset, h) in &bad {
-        let mut buf = vec![0u8; *length as usize];
-        if let Some(fo) = source_offset {
-            let src = sources.get(level).ok_or_else(|| {
-                Error::Invalid(format!("journal names no source for level {level}"))
-            })?;
-            let l = open_layer(src, false)?;
-            l.read_data(*fo, &mut buf)?;
-        }
-        if blake3::hash(&buf).as_bytes() != h {
-            return Err(Error::corrupt(
-                a_path,
-                "merge source",
-                *offset,
-                "neither the ancestor nor the merged source holds the bytes the journal recorded; the files were modified after the merge. Restore from a backup",
-            ));
-        }
-        layer.write(*offset, &buf)?;
-    }
-    layer.close()?;
-    Ok(bad.len() as u64)
 }
 
 #[cfg(test)]

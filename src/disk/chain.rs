@@ -4,6 +4,8 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use crate::paths::canonical;
+
 use serde::Serialize;
 
 use super::{Extent, Layer, LayerInfo, open_layer};
@@ -180,10 +182,6 @@ impl Chain {
     pub fn infos(&self) -> Result<Vec<LayerInfo>> {
         self.layers.iter().map(|l| l.info()).collect()
     }
-}
-
-fn canonical(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 fn pick(child: &Path, candidates: &[(String, PathBuf)]) -> Result<(PathBuf, String)> {

@@ -23,7 +23,9 @@ use crate::disk::{Chain, ChainOptions, Extent, Format, Layer};
 use crate::error::{Error, Result};
 use crate::io::FileStorage;
 use crate::journal::storage::Journaled;
-use crate::journal::{self, Begin, FileEntry, Record, Role, Writer};
+use crate::journal::{self, Begin, Record, Role, Writer};
+use crate::paths::folder_of;
+use crate::transaction::{Transaction, begin_record};
 use preflight::{Dependent, canonical};
 use read::{Buffers, GROUP_BYTES, ReadGroup, read_groups, verify_group};
 
@@ -372,43 +374,6 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
     })
 }
 
-fn folder_of(p: &Path) -> &Path {
-    p.parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-}
-
-pub(crate) fn fingerprint(path: &Path) -> Result<String> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, "reading", e))?;
-    let mut b = vec![0u8; 4096];
-    let n = std::os::unix::fs::FileExt::read_at(&f, &mut b, 0)
-        .map_err(|e| Error::io(path, "reading", e))?;
-    Ok(blake3::hash(&b[..n]).to_hex().to_string())
-}
-
-/// Files beside the journal are named by file name alone, so a folder that
-/// is moved or mounted elsewhere after a crash can still be recovered.
-fn journal_path_of(file: &Path, journal_dir: &Path) -> String {
-    let c = canonical(file);
-    match (c.parent(), c.file_name()) {
-        (Some(dir), Some(n)) if dir == journal_dir => n.to_string_lossy().to_string(),
-        _ => c.to_string_lossy().to_string(),
-    }
-}
-
-fn file_entry(role: Role, l: &dyn Layer, journal_dir: &Path) -> Result<FileEntry> {
-    let length = std::fs::metadata(l.path())
-        .map_err(|e| Error::io(l.path(), "reading size", e))?
-        .len();
-    Ok(FileEntry {
-        role,
-        path: journal_path_of(l.path(), journal_dir),
-        length,
-        identity: l.identity().describe(),
-        fingerprint: fingerprint(l.path())?,
-    })
-}
-
 /// Opens a file for writing through the journal.
 pub fn open_journaled(
     path: &Path,
@@ -463,38 +428,18 @@ pub fn execute(
     let (begin, new_guid) = begin_record(&chain, ancestor, &relink, expected, opts.keep)?;
     let a_layer = chain.layers[ancestor].as_ref();
     let format = a_layer.format();
-    let jpath = journal::path_for(a_layer.path());
-    let files: Vec<PathBuf> = begin.files.iter().map(|f| PathBuf::from(&f.path)).collect();
-    let journal = Arc::new(Mutex::new(Writer::create_with(
-        &jpath,
-        begin,
-        Record::Plan(journal::PlanRecord {
-            digest: plan.digest,
-            bytes: plan.bytes,
-        }),
-    )?));
+    let plan_record = journal::PlanRecord {
+        digest: plan.digest,
+        bytes: plan.bytes,
+    };
+    let tx = Transaction::begin(a_layer.path(), begin, plan_record, locks)?;
     failpoint("after-begin");
 
-    let a = open_journaled(a_layer.path(), 0, &journal, format, new_guid)?;
-    let ancestor_path = a_layer.path().to_path_buf();
+    let a = open_journaled(&tx.ancestor, 0, &tx.journal, format, new_guid)?;
     // From here the merge reads only the merged levels; the read-only
     // ancestor and what lies below it go (on a 64 TiB disk each open layer
     // holds a 16 MiB BAT).
     chain.layers.truncate(ancestor);
-    let relinked: Vec<(PathBuf, u32)> = relink
-        .iter()
-        .enumerate()
-        .map(|(i, d)| (d.path.clone(), 1 + ancestor as u32 + i as u32))
-        .collect();
-    let tx = Transaction {
-        journal,
-        jpath,
-        files: files.iter().map(|f| resolve(&ancestor_path, f)).collect(),
-        ancestor: ancestor_path,
-        relinked,
-        locks,
-        keep: opts.keep,
-    };
     let applied = Apply {
         chain: &chain,
         tx: &tx,
@@ -504,7 +449,7 @@ pub fn execute(
     }
     .run(a, 0, 0, progress)?;
     drop(chain);
-    let verified = tx.finish(applied.copied, expected)?;
+    let verified = finish(&tx, applied.copied, expected)?;
     Ok(Report {
         plan,
         journal_bytes: verified.journal_bytes,
@@ -518,62 +463,6 @@ pub fn execute(
     })
 }
 
-/// Journal paths are relative to the journal's folder unless absolute.
-fn resolve(ancestor: &Path, recorded: &Path) -> PathBuf {
-    folder_of(ancestor).join(recorded)
-}
-
-/// The Begin record: every file of the merge with what proves its
-/// identity, the new DataWriteGuid (VHDX) and the expected digest.
-fn begin_record(
-    chain: &Chain,
-    ancestor: usize,
-    relink: &[Dependent],
-    expected: Option<blake3::Hash>,
-    keep: bool,
-) -> Result<(Begin, Option<Uuid>)> {
-    let a_layer = chain.layers[ancestor].as_ref();
-    let new_guid = (a_layer.format() == Format::Vhdx).then(crate::guid::fresh);
-    let jdir = canonical(a_layer.path())
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let mut files = vec![file_entry(Role::Ancestor, a_layer, &jdir)?];
-    for (i, l) in chain.layers[..ancestor].iter().enumerate() {
-        files.push(file_entry(
-            Role::Merged { level: i as u32 },
-            l.as_ref(),
-            &jdir,
-        )?);
-    }
-    for d in relink {
-        let l = crate::disk::open_layer(&d.path, false)?;
-        files.push(file_entry(Role::Relinked, l.as_ref(), &jdir)?);
-    }
-    let begin = Begin {
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        files,
-        merged_levels: ancestor as u32,
-        data_write_guid: new_guid.map(|g| g.to_string()),
-        expected_digest: expected.map(|e| e.to_hex().to_string()),
-        keep,
-    };
-    Ok((begin, new_guid))
-}
-
-/// The files of one merge and its journal, from Begin to cleanup.
-pub(crate) struct Transaction {
-    pub(crate) journal: Arc<Mutex<Writer>>,
-    pub(crate) jpath: PathBuf,
-    /// Every file of Begin, in its order (index = journal file number).
-    pub(crate) files: Vec<PathBuf>,
-    pub(crate) ancestor: PathBuf,
-    /// Children to re-link, with their journal file numbers.
-    pub(crate) relinked: Vec<(PathBuf, u32)>,
-    pub(crate) locks: preflight::Locks,
-    pub(crate) keep: bool,
-}
-
 /// What verification found after the commit.
 struct Verified {
     runs: u64,
@@ -581,89 +470,63 @@ struct Verified {
     journal_bytes: u64,
 }
 
-impl Transaction {
-    fn append_sync(&self, rec: &Record) -> Result<()> {
-        let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
-        j.append(rec);
-        j.sync()
+/// After the last run: close the ancestor, re-link the children,
+/// commit, verify every copied run and clean up.
+fn finish(
+    tx: &Transaction,
+    copied: Vec<Copied>,
+    expected: Option<blake3::Hash>,
+) -> Result<Verified> {
+    let ancestor = tx.ancestor.as_path();
+    for (child, index) in &tx.relinked {
+        let a_identity = crate::disk::open_layer(ancestor, false)?.identity();
+        relink_child(child, *index, &tx.journal, ancestor, &a_identity)?;
+        failpoint("mid-relink");
     }
-
-    /// Makes everything written so far durable and records that point:
-    /// the runs before `next_offset` survive any later crash.
-    fn checkpoint(&self, a: &mut Box<dyn Layer>, next_offset: u64, done: u64) -> Result<()> {
-        self.locks.check_unchanged(&[self.ancestor.as_path()])?;
-        a.commit()?;
-        self.append_checkpoint(next_offset, done)
+    // Last look before the point of no return: the re-linked children were
+    // written by us just now, the ancestor throughout.
+    let mut ours: Vec<&Path> = vec![ancestor];
+    ours.extend(tx.relinked.iter().map(|(p, _)| p.as_path()));
+    tx.locks.check_unchanged(&ours)?;
+    tx.commit()?;
+    failpoint("after-commit");
+    let journal_bytes = tx
+        .journal
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .bytes_written();
+    // Prove it before the merged files go: every copied run reads back from
+    // the ancestor with its BLAKE3 (and, with --verify full, the whole disk
+    // has the child's content digest). A failure leaves the journal for
+    // `recover`, which redoes the runs from the still-present sources.
+    let after = Chain::open(ancestor, &ChainOptions::default())?;
+    verify_runs(&after, ancestor, &copied)?;
+    let digest = match expected {
+        Some(_) => Some(crate::verify::content_digest(&after, |_| {})?.root),
+        None => None,
+    };
+    drop(after);
+    if digest != expected {
+        return Err(Error::corrupt(
+            ancestor,
+            "merged disk",
+            0,
+            "the ancestor's content digest differs from the child's before the merge; the merge is committed but unverified: run `vhdmerge recover`",
+        ));
     }
-
-    fn append_checkpoint(&self, next_offset: u64, bytes_done: u64) -> Result<()> {
-        let lengths = self
-            .files
-            .iter()
-            .map(|p| std::fs::metadata(p).map(|m| m.len()))
-            .collect::<std::io::Result<Vec<u64>>>()
-            .map_err(|e| Error::io(&self.ancestor, "reading the merge's file sizes", e))?;
-        self.append_sync(&Record::Checkpoint(journal::Checkpoint {
-            next_offset,
-            bytes_done,
-            lengths,
-        }))
-    }
-
-    /// After the last run: close the ancestor, re-link the children,
-    /// commit, verify every copied run and clean up.
-    fn finish(&self, copied: Vec<Copied>, expected: Option<blake3::Hash>) -> Result<Verified> {
-        let ancestor = self.ancestor.as_path();
-        for (child, index) in &self.relinked {
-            let a_identity = crate::disk::open_layer(ancestor, false)?.identity();
-            relink_child(child, *index, &self.journal, ancestor, &a_identity)?;
-            failpoint("mid-relink");
-        }
-        // Last look before the point of no return: the re-linked children were
-        // written by us just now, the ancestor throughout.
-        let mut ours: Vec<&Path> = vec![ancestor];
-        ours.extend(self.relinked.iter().map(|(p, _)| p.as_path()));
-        self.locks.check_unchanged(&ours)?;
-        self.append_sync(&Record::Committed)?;
-        failpoint("after-commit");
-        let journal_bytes = self
-            .journal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .bytes_written();
-        // Prove it before the merged files go: every copied run reads back from
-        // the ancestor with its BLAKE3 (and, with --verify full, the whole disk
-        // has the child's content digest). A failure leaves the journal for
-        // `recover`, which redoes the runs from the still-present sources.
-        let after = Chain::open(ancestor, &ChainOptions::default())?;
-        verify_runs(&after, ancestor, &copied)?;
-        let digest = match expected {
-            Some(_) => Some(crate::verify::content_digest(&after, |_| {})?.root),
-            None => None,
-        };
-        drop(after);
-        if digest != expected {
-            return Err(Error::corrupt(
-                ancestor,
-                "merged disk",
-                0,
-                "the ancestor's content digest differs from the child's before the merge; the merge is committed but unverified: run `vhdmerge recover`",
-            ));
-        }
-        let merged: Vec<PathBuf> = self
-            .files
-            .iter()
-            .skip(1)
-            .take(self.files.len() - 1 - self.relinked.len())
-            .cloned()
-            .collect();
-        cleanup(&self.journal, &self.jpath, &merged, self.keep)?;
-        Ok(Verified {
-            runs: copied.len() as u64,
-            digest,
-            journal_bytes,
-        })
-    }
+    let merged: Vec<PathBuf> = tx
+        .files
+        .iter()
+        .skip(1)
+        .take(tx.files.len() - 1 - tx.relinked.len())
+        .cloned()
+        .collect();
+    tx.cleanup(&merged)?;
+    Ok(Verified {
+        runs: copied.len() as u64,
+        digest,
+        journal_bytes,
+    })
 }
 
 /// Re-reads every copied run from the ancestor's view and matches it to
@@ -932,7 +795,7 @@ impl Resume<'_> {
             .and_then(|h| blake3::Hash::from_hex(h).ok());
         let mut copied = self.copied_before;
         copied.extend(applied.copied);
-        let verified = self.tx.finish(copied, expected)?;
+        let verified = finish(self.tx, copied, expected)?;
         Ok(Report {
             plan: Plan {
                 child: self.tx.files.get(1).cloned().unwrap_or_default(),
@@ -966,44 +829,6 @@ impl Resume<'_> {
 
 /// Changed metadata (BAT and bitmap pages) held before an early commit.
 const MAX_PENDING_METADATA: u64 = 4 << 20;
-
-/// After Committed: mark cleanup, delete (or rename) the merged files, and
-/// delete the journal. Every step is idempotent.
-pub fn cleanup(
-    journal: &Arc<Mutex<Writer>>,
-    jpath: &Path,
-    merged: &[PathBuf],
-    keep: bool,
-) -> Result<()> {
-    {
-        let mut j = journal.lock().unwrap_or_else(|e| e.into_inner());
-        j.append(&Record::CleanupStarted);
-        j.sync()?;
-    }
-    failpoint("mid-cleanup");
-    remove_merged(merged, keep)?;
-    journal::remove(jpath)
-}
-
-pub fn remove_merged(merged: &[PathBuf], keep: bool) -> Result<()> {
-    for m in merged {
-        if !m.exists() {
-            continue;
-        }
-        if keep {
-            let mut name = m.file_name().unwrap_or_default().to_os_string();
-            name.push(".merged");
-            let to = m.with_file_name(name);
-            crate::io::fsops::rename(m, &to)
-                .map_err(|e| Error::io(m, "renaming the merged file", e))?;
-        } else {
-            crate::io::fsops::remove_file(m)
-                .map_err(|e| Error::io(m, "deleting the merged file", e))?;
-        }
-        journal::sync_dir(m)?;
-    }
-    Ok(())
-}
 
 /// Points a child of the merged child at the ancestor: new identity and
 /// paths, through the journal (VHDX: through the child's own log).

@@ -18,9 +18,7 @@ pub fn is_disk_name(p: &Path) -> bool {
     matches!(ext.as_str(), "vhd" | "avhd" | "vhdx" | "avhdx")
 }
 
-pub fn canonical(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
-}
+pub use crate::paths::canonical;
 
 /// Refuses inputs that are only readable with a warning (bad checksums).
 pub fn refuse_damaged(chain: &Chain, levels: usize) -> Result<()> {
@@ -37,43 +35,9 @@ pub fn refuse_damaged(chain: &Chain, levels: usize) -> Result<()> {
     Ok(())
 }
 
-/// A pending journal in the folder of `path` that names `path`.
-pub fn pending_journal(path: &Path) -> Result<Option<PathBuf>> {
-    let own = journal::path_for(path);
-    if own.exists() {
-        return Ok(Some(own));
-    }
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let me = canonical(path);
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(None);
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if !p.to_string_lossy().ends_with(journal::SUFFIX) {
-            continue;
-        }
-        match journal::load(&p) {
-            Ok(l) => {
-                if let Some(journal::Record::Begin(b)) = l.records.first()
-                    && b.files.iter().any(|f| canonical(&dir.join(&f.path)) == me)
-                {
-                    return Ok(Some(p));
-                }
-            }
-            // A journal we cannot read may still cover this file: be safe.
-            Err(_) => return Ok(Some(p)),
-        }
-    }
-    Ok(None)
-}
-
 pub fn refuse_pending(paths: &[&Path]) -> Result<()> {
     for p in paths {
-        if let Some(j) = pending_journal(p)? {
+        if let Some(j) = crate::transaction::pending_journal(p)? {
             let what = match journal::load(&j) {
                 Ok(l) => format!("an interrupted {}", journal::state::summary(&l)),
                 Err(_) => "an interrupted merge".into(),
@@ -220,7 +184,12 @@ impl Locks {
             if (now.dev(), now.ino()) != (held.dev(), held.ino()) {
                 return Err(changed("the file was replaced by another file"));
             }
-            if written.contains(&l.path.as_path()) {
+            // Paths may be spelled differently (relative, or resolved
+            // from the journal's folder): compare the files they name.
+            if written
+                .iter()
+                .any(|w| *w == l.path || canonical(w) == canonical(&l.path))
+            {
                 continue;
             }
             if held.len() != l.len {

@@ -1,0 +1,76 @@
+//! Redo after Commit: every copied run must read back with its BLAKE3;
+//! a lost one is copied again from its still-present source.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::disk::{Chain, ChainOptions, open_layer};
+use crate::error::{Error, Result};
+use crate::journal::{Begin, Record, Role, Writer};
+
+/// After commit: every recorded run must read back from the ancestor with
+/// its recorded hash; a run that does not (a lost write) is copied again
+/// from its source, whose hash must match. Returns how many were redone.
+pub(crate) fn redo(
+    writer: &Arc<Mutex<Writer>>,
+    begin: &Begin,
+    paths: &[PathBuf],
+    records: &[Record],
+) -> Result<u64> {
+    let a_path = paths[0].as_path();
+    let sources: BTreeMap<u32, &PathBuf> = begin
+        .files
+        .iter()
+        .zip(paths)
+        .filter_map(|(f, p)| match f.role {
+            Role::Merged { level } => Some((level, p)),
+            _ => None,
+        })
+        .collect();
+    let view = Chain::open(a_path, &ChainOptions::default())?;
+    let mut bad = Vec::new();
+    for r in records {
+        if let Record::Copy {
+            offset,
+            length,
+            source_level,
+            source_offset,
+            blake3: h,
+        } = r
+        {
+            let mut buf = vec![0u8; *length as usize];
+            view.read(*offset, &mut buf)?;
+            if blake3::hash(&buf).as_bytes() != h {
+                bad.push((*offset, *length, *source_level, *source_offset, *h));
+            }
+        }
+    }
+    drop(view);
+    if bad.is_empty() {
+        return Ok(0);
+    }
+    let format = open_layer(a_path, false)?.format();
+    let mut layer = crate::merge::open_journaled(a_path, 0, writer, format, None)?;
+    for (offset, length, level, source_offset, h) in &bad {
+        let mut buf = vec![0u8; *length as usize];
+        if let Some(fo) = source_offset {
+            let src = sources.get(level).ok_or_else(|| {
+                Error::Invalid(format!("journal names no source for level {level}"))
+            })?;
+            let l = open_layer(src, false)?;
+            l.read_data(*fo, &mut buf)?;
+        }
+        if blake3::hash(&buf).as_bytes() != h {
+            return Err(Error::corrupt(
+                a_path,
+                "merge source",
+                *offset,
+                "neither the ancestor nor the merged source holds the bytes the journal recorded; the files were modified after the merge. Restore from a backup",
+            ));
+        }
+        layer.write(*offset, &buf)?;
+    }
+    layer.close()?;
+    Ok(bad.len() as u64)
+}
