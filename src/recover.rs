@@ -42,6 +42,22 @@ pub struct RecoverReport {
     pub merge: Option<merge::Report>,
 }
 
+impl RecoverReport {
+    fn new(journal: Option<PathBuf>, outcome: Outcome, state: &str) -> RecoverReport {
+        RecoverReport {
+            journal,
+            outcome,
+            state: state.into(),
+            torn_tail: false,
+            before_images: 0,
+            redone_runs: 0,
+            resumed_from: None,
+            remaining: None,
+            merge: None,
+        }
+    }
+}
+
 /// What recovery does, decided from the journal's state alone
 /// (`journal-format.md` §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,17 +116,11 @@ pub fn recover_with(
 ) -> Result<RecoverReport> {
     match find(disk)? {
         Some(jpath) => recover_journal(&jpath, rollback, opts, progress),
-        None => Ok(RecoverReport {
-            journal: None,
-            outcome: Outcome::NothingToRecover,
-            state: "nothing to recover".into(),
-            torn_tail: false,
-            before_images: 0,
-            redone_runs: 0,
-            resumed_from: None,
-            remaining: None,
-            merge: None,
-        }),
+        None => Ok(RecoverReport::new(
+            None,
+            Outcome::NothingToRecover,
+            "nothing to recover",
+        )),
     }
 }
 
@@ -120,17 +130,12 @@ pub fn recover_journal(
     opts: &MergeOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<RecoverReport> {
-    let mut report = RecoverReport {
-        journal: Some(jpath.to_path_buf()),
-        outcome: Outcome::RolledBack,
-        state: "begin not durable".into(),
-        torn_tail: true,
-        before_images: 0,
-        redone_runs: 0,
-        resumed_from: None,
-        remaining: None,
-        merge: None,
-    };
+    let mut report = RecoverReport::new(
+        Some(jpath.to_path_buf()),
+        Outcome::RolledBack,
+        "begin not durable",
+    );
+    report.torn_tail = true;
     let Some(loaded) = journal::load_if_begun(jpath)? else {
         journal::remove(jpath)?;
         return Ok(report);
@@ -173,7 +178,15 @@ pub fn recover_journal(
         }
         Action::Finish => {
             report.redone_runs = redo(&writer, &begin, &paths, &loaded.records)?;
-            transaction::cleanup(&writer, jpath, &merged_paths(&begin, &paths), begin.keep)?;
+            transaction::cleanup(
+                &writer,
+                jpath,
+                &transaction::merged_sources(&begin, &paths)
+                    .into_values()
+                    .cloned()
+                    .collect::<Vec<_>>(),
+                begin.keep,
+            )?;
             report.outcome = Outcome::Finished;
         }
         Action::Resume => {
@@ -199,16 +212,6 @@ pub fn recover_journal(
         Action::RefuseRollback => unreachable!("refused above"),
     }
     Ok(report)
-}
-
-fn merged_paths(begin: &Begin, paths: &[PathBuf]) -> Vec<PathBuf> {
-    begin
-        .files
-        .iter()
-        .zip(paths)
-        .filter(|(f, _)| matches!(f.role, Role::Merged { .. }))
-        .map(|(_, p)| p.clone())
-        .collect()
 }
 
 /// Continues a merge from its last checkpoint: checks that the merged

@@ -56,6 +56,28 @@ fn wait_for(flag: &Path) {
     }
 }
 
+/// A merge with 2 MiB batches and 4 MiB checkpoints.
+const MERGE: [&str; 6] = [
+    "--quiet",
+    "merge",
+    "--batch",
+    "2M",
+    "--checkpoint-every",
+    "4M",
+];
+
+/// Starts the merge of `c` so that it waits at `at` while `flag` exists.
+fn merge_paused_at(c: &Path, at: &str, flag: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
+        .args(MERGE)
+        .arg(c)
+        .env("VHDMERGE_PAUSE_AT", at)
+        .env("VHDMERGE_PAUSE_FILE", flag)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) with a pid we spawned; no memory is involved.
     assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
@@ -85,21 +107,7 @@ fn a_signal_pauses_at_a_checkpoint_and_recover_continues() {
         let (b, c) = chain(d.path(), vhdx);
         let want = common::digest_of(&c);
         let flag = d.path().join("paused");
-        let child = Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
-            .args([
-                "--quiet",
-                "merge",
-                "--batch",
-                "2M",
-                "--checkpoint-every",
-                "4M",
-            ])
-            .arg(&c)
-            .env("VHDMERGE_PAUSE_AT", "after-batch-2")
-            .env("VHDMERGE_PAUSE_FILE", &flag)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = merge_paused_at(&c, "after-batch-2", &flag);
         wait_for(&flag);
         signal(child.id(), libc::SIGINT);
         std::fs::remove_file(&flag).unwrap();
@@ -148,21 +156,7 @@ fn a_second_signal_stops_at_once() {
     let (b, c) = chain(d.path(), true);
     let want = common::digest_of(&c);
     let flag = d.path().join("paused");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
-        .args([
-            "--quiet",
-            "merge",
-            "--batch",
-            "2M",
-            "--checkpoint-every",
-            "4M",
-        ])
-        .arg(&c)
-        .env("VHDMERGE_PAUSE_AT", "after-batch-3")
-        .env("VHDMERGE_PAUSE_FILE", &flag)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = merge_paused_at(&c, "after-batch-3", &flag);
     wait_for(&flag);
     signal(child.id(), libc::SIGTERM);
     // Apart, or the kernel folds the two into one pending signal.
@@ -186,14 +180,7 @@ fn a_resume_whose_sources_changed_rolls_back() {
     let (b, c) = chain(d.path(), true);
     let start = folder_digests(d.path());
     let o = Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
-        .args([
-            "--quiet",
-            "merge",
-            "--batch",
-            "2M",
-            "--checkpoint-every",
-            "4M",
-        ])
+        .args(MERGE)
         .arg(&c)
         .env("VHDMERGE_FAIL_AT", "after-batch-4")
         .output()

@@ -345,7 +345,7 @@ pub fn remove(path: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn begin() -> Begin {
+    pub(super) fn begin() -> Begin {
         Begin {
             tool_version: "t".into(),
             files: vec![],

@@ -228,20 +228,13 @@ fn page_set(len: u64) -> Vec<u64> {
 mod tests {
     use super::*;
     use crate::io::MemStorage;
+    use crate::journal::tests::begin;
 
     #[test]
     fn overwrites_wait_for_their_before_images() {
         let dir = tempfile::tempdir().unwrap();
         let jp = dir.path().join("j");
-        let begin = super::super::Begin {
-            tool_version: "t".into(),
-            files: vec![],
-            merged_levels: 1,
-            data_write_guid: None,
-            expected_digest: None,
-            keep: false,
-        };
-        let w = Arc::new(Mutex::new(Writer::create(&jp, begin).unwrap()));
+        let w = Arc::new(Mutex::new(Writer::create(&jp, begin()).unwrap()));
         let s = Journaled::new(MemStorage::new(vec![1u8; 10000]), 0, w.clone()).unwrap();
         s.write_at(&[9u8; 100], 5000).unwrap();
         s.write_at(&[8u8; 100], 20000).unwrap();
@@ -268,15 +261,7 @@ mod tests {
     fn a_checkpoint_starts_a_new_epoch_of_images() {
         let dir = tempfile::tempdir().unwrap();
         let jp = dir.path().join("j");
-        let begin = super::super::Begin {
-            tool_version: "t".into(),
-            files: vec![],
-            merged_levels: 1,
-            data_write_guid: None,
-            expected_digest: None,
-            keep: false,
-        };
-        let w = Arc::new(Mutex::new(Writer::create(&jp, begin).unwrap()));
+        let w = Arc::new(Mutex::new(Writer::create(&jp, begin()).unwrap()));
         let s = Journaled::new(MemStorage::new(vec![1u8; 8192]), 0, w.clone()).unwrap();
         s.write_at(&[2u8; 4096], 0).unwrap();
         s.write_at(&[3u8; 4096], 8192).unwrap();

@@ -23,7 +23,7 @@ use crate::disk::{Chain, ChainOptions, Extent, Format, Layer};
 use crate::error::{Error, Result};
 use crate::io::FileStorage;
 use crate::journal::storage::Journaled;
-use crate::journal::{self, Begin, Record, Role, Writer};
+use crate::journal::{self, Begin, Record, Writer};
 use crate::paths::folder_of;
 use crate::transaction::{Transaction, begin_record};
 use preflight::{Dependent, canonical};
@@ -160,6 +160,28 @@ pub struct Report {
     pub seconds: f64,
     /// Seconds from the start at which each tenth of the bytes was copied.
     pub decile_seconds: Vec<f64>,
+}
+
+impl Report {
+    fn new(
+        plan: Plan,
+        verified: Verified,
+        expected: Option<blake3::Hash>,
+        started: Instant,
+        decile_seconds: Vec<f64>,
+    ) -> Report {
+        Report {
+            plan,
+            journal_bytes: verified.journal_bytes,
+            verify: if expected.is_some() { "full" } else { "runs" },
+            runs_verified: verified.runs,
+            expected_digest: expected.map(|e| e.to_hex().to_string()),
+            result_digest: verified.digest.map(|e| e.to_hex().to_string()),
+            verified: true,
+            seconds: started.elapsed().as_secs_f64(),
+            decile_seconds,
+        }
+    }
 }
 
 /// Calls `f` for every run the merged levels (0..ancestor) hold, in order,
@@ -450,17 +472,13 @@ pub fn execute(
     .run(a, 0, 0, progress)?;
     drop(chain);
     let verified = finish(&tx, applied.copied, expected)?;
-    Ok(Report {
+    Ok(Report::new(
         plan,
-        journal_bytes: verified.journal_bytes,
-        verify: if opts.verify_full { "full" } else { "runs" },
-        runs_verified: verified.runs,
-        expected_digest: expected.map(|e| e.to_hex().to_string()),
-        result_digest: verified.digest.map(|e| e.to_hex().to_string()),
-        verified: true,
-        seconds: started.elapsed().as_secs_f64(),
-        decile_seconds: applied.deciles,
-    })
+        verified,
+        expected,
+        started,
+        applied.deciles,
+    ))
 }
 
 /// What verification found after the commit.
@@ -735,18 +753,8 @@ pub(crate) fn reopen_sources(
     paths: &[PathBuf],
     plan: &journal::PlanRecord,
 ) -> Result<std::result::Result<Chain, String>> {
-    let mut merged: Vec<(u32, &PathBuf)> = begin
-        .files
-        .iter()
-        .zip(paths)
-        .filter_map(|(f, p)| match f.role {
-            Role::Merged { level } => Some((level, p)),
-            _ => None,
-        })
-        .collect();
-    merged.sort();
     let mut layers = Vec::new();
-    for (_, p) in merged {
+    for p in crate::transaction::merged_sources(begin, paths).values() {
         layers.push(crate::disk::open_layer(p, false)?);
     }
     let chain = Chain {
@@ -796,34 +804,31 @@ impl Resume<'_> {
         let mut copied = self.copied_before;
         copied.extend(applied.copied);
         let verified = finish(self.tx, copied, expected)?;
-        Ok(Report {
-            plan: Plan {
-                child: self.tx.files.get(1).cloned().unwrap_or_default(),
-                ancestor: a_path.clone(),
-                format,
-                merged: self.tx.files[1..self.tx.files.len() - self.tx.relinked.len()].to_vec(),
-                relink: self.tx.relinked.iter().map(|(p, _)| p.clone()).collect(),
-                siblings: vec![],
-                runs: verified.runs,
-                bytes: self.total,
-                overwrite_bytes: 0,
-                new_blocks: 0,
-                new_bytes: 0,
-                journal_estimate: 0,
-                space_needed: 0,
-                free_space: 0,
-                journal: self.tx.jpath.clone(),
-                digest: [0; 32],
-            },
-            journal_bytes: verified.journal_bytes,
-            verify: if expected.is_some() { "full" } else { "runs" },
-            runs_verified: verified.runs,
-            expected_digest: expected.map(|e| e.to_hex().to_string()),
-            result_digest: verified.digest.map(|e| e.to_hex().to_string()),
-            verified: true,
-            seconds: started.elapsed().as_secs_f64(),
-            decile_seconds: applied.deciles,
-        })
+        let plan = Plan {
+            child: self.tx.files.get(1).cloned().unwrap_or_default(),
+            ancestor: a_path.clone(),
+            format,
+            merged: self.tx.files[1..self.tx.files.len() - self.tx.relinked.len()].to_vec(),
+            relink: self.tx.relinked.iter().map(|(p, _)| p.clone()).collect(),
+            siblings: vec![],
+            runs: verified.runs,
+            bytes: self.total,
+            overwrite_bytes: 0,
+            new_blocks: 0,
+            new_bytes: 0,
+            journal_estimate: 0,
+            space_needed: 0,
+            free_space: 0,
+            journal: self.tx.jpath.clone(),
+            digest: [0; 32],
+        };
+        Ok(Report::new(
+            plan,
+            verified,
+            expected,
+            started,
+            applied.deciles,
+        ))
     }
 }
 

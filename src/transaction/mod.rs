@@ -30,6 +30,22 @@ fn resolve(ancestor: &Path, recorded: &Path) -> PathBuf {
     folder_of(&canonical(ancestor)).join(recorded)
 }
 
+/// The merged files by level (0 = the child named on the command line).
+pub(crate) fn merged_sources<'a>(
+    begin: &Begin,
+    paths: &'a [PathBuf],
+) -> std::collections::BTreeMap<u32, &'a PathBuf> {
+    begin
+        .files
+        .iter()
+        .zip(paths)
+        .filter_map(|(f, p)| match f.role {
+            Role::Merged { level } => Some((level, p)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The children to re-link, with their journal file numbers, by role.
 pub(crate) fn relinked_of(begin: &Begin, paths: &[PathBuf]) -> Vec<(PathBuf, u32)> {
     begin

@@ -1,13 +1,12 @@
 //! Redo after Commit: every copied run must read back with its BLAKE3;
 //! a lost one is copied again from its still-present source.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::disk::{Chain, ChainOptions, open_layer};
 use crate::error::{Error, Result};
-use crate::journal::{Begin, Record, Role, Writer};
+use crate::journal::{Begin, Record, Writer};
 
 /// After commit: every recorded run must read back from the ancestor with
 /// its recorded hash; a run that does not (a lost write) is copied again
@@ -19,15 +18,7 @@ pub(crate) fn redo(
     records: &[Record],
 ) -> Result<u64> {
     let a_path = paths[0].as_path();
-    let sources: BTreeMap<u32, &PathBuf> = begin
-        .files
-        .iter()
-        .zip(paths)
-        .filter_map(|(f, p)| match f.role {
-            Role::Merged { level } => Some((level, p)),
-            _ => None,
-        })
-        .collect();
+    let sources = super::merged_sources(begin, paths);
     let view = Chain::open(a_path, &ChainOptions::default())?;
     let mut bad = Vec::new();
     for r in records {
