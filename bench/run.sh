@@ -179,7 +179,9 @@ run_resume() {
             kill -9 "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
             # How far the copy had got: the base's growth (Copy records
             # reach the journal file only at its syncs, so it lags).
-            echo "$(( ($(stat -c %s "$r/base.vhdx") - start) * $(cat "$d/bytes") / (final - start) )) $(journal_copied "$r/base.vhdx.vhdmerge-journal")" >> "$W/r-killed-$pct.bytes"
+            # (awk: the product overflows bash's 64-bit arithmetic)
+            echo "$(awk -v s="$(stat -c %s "$r/base.vhdx")" -v a="$start" -v f="$final" -v b="$(cat "$d/bytes")" \
+                'BEGIN { printf "%.0f", (s - a) / (f - a) * b }') $(journal_copied "$r/base.vhdx.vhdmerge-journal")" >> "$W/r-killed-$pct.bytes"
             timed "r-recover-$pct" "$V" --quiet recover --json "$r/base.vhdx"
             cp "$W/r-recover-$pct.last" "$W/r-recover-$pct-$round.json"
         done
