@@ -158,7 +158,7 @@ pub fn recover_journal(
     // rollback never touches them, so one that another program changed
     // after the merge began does not stand in the way of undoing it. A
     // resume checks them itself and rolls back if they changed.
-    check_files(jpath, &begin, &paths, &state, action)?;
+    check_files(jpath, &loaded.records, &paths, &state, action)?;
     let present: Vec<&Path> = paths
         .iter()
         .map(PathBuf::as_path)
@@ -240,7 +240,7 @@ fn resume(
             "a Checkpoint record without the merge's Plan record",
         )
     })?;
-    let sources = match sources_unchanged(begin, &tx.files) {
+    let sources = match sources_unchanged(records, begin, &tx.files) {
         Some(why) => Err(why),
         None => merge::reopen_sources(begin, &tx.files, plan)?,
     };
@@ -293,20 +293,21 @@ fn resume(
 
 /// Why the merged files differ from what Begin recorded (missing, another
 /// identity, length or the fingerprint of their first 4 KiB), if they do.
-fn sources_unchanged(begin: &Begin, paths: &[PathBuf]) -> Option<String> {
-    for (f, p) in begin.files.iter().zip(paths) {
+fn sources_unchanged(records: &[Record], begin: &Begin, paths: &[PathBuf]) -> Option<String> {
+    for (i, (f, p)) in begin.files.iter().zip(paths).enumerate() {
         if !matches!(f.role, Role::Merged { .. }) {
             continue;
         }
         if !p.exists() {
             return Some(format!("{} is missing", p.display()));
         }
-        match crate::disk::identity_of(p).map(|i| i.describe()) {
-            Ok(id) if id == f.identity => {}
+        match crate::disk::identity_of(p) {
+            Ok(id) if journal::state::same_identity(records, i, &id) => {}
             Ok(id) => {
                 return Some(format!(
-                    "{} was written to since the merge began (its identity is {id}, the journal recorded {})",
+                    "{} was written to since the merge began (its identity is {}, the journal recorded {})",
                     p.display(),
+                    id.describe(),
                     f.identity
                 ));
             }
@@ -330,18 +331,31 @@ fn sources_unchanged(begin: &Begin, paths: &[PathBuf]) -> Option<String> {
     None
 }
 
+/// Whether a VHDX ancestor already carries the DataWriteGuid the merge
+/// chose for it (it is set with the first write).
+fn carries_new_guid(begin: &Begin, id: &crate::disk::Identity) -> bool {
+    let new = begin
+        .data_write_guid
+        .as_deref()
+        .and_then(|g| uuid::Uuid::parse_str(g).ok());
+    matches!(id, crate::disk::Identity::VhdxLinkage { linkage, .. } if Some(*linkage) == new)
+}
+
 /// The files must be the ones the journal names: same identity (the
 /// ancestor may already carry the merge's new DataWriteGuid), and the merged
 /// files unchanged in length when the merge is to be finished.
 fn check_files(
     jpath: &Path,
-    begin: &Begin,
+    records: &[Record],
     paths: &[PathBuf],
     state: &State,
     action: Action,
 ) -> Result<()> {
+    let Some(Record::Begin(begin)) = records.first() else {
+        unreachable!("load checks Begin")
+    };
     let finishing = action == Action::Finish;
-    for (f, p) in begin.files.iter().zip(paths) {
+    for (i, (f, p)) in begin.files.iter().zip(paths).enumerate() {
         let merged = matches!(f.role, Role::Merged { .. });
         // A resume checks the merged files itself, and rolls back if
         // they changed (`sources_unchanged`).
@@ -360,13 +374,9 @@ fn check_files(
                 ),
             });
         }
-        let id = crate::disk::identity_of(p)?.describe();
-        let new_id = begin
-            .data_write_guid
-            .as_ref()
-            .map(|g| format!("DataWriteGuid {{{g}}}"));
-        let ok = id == f.identity
-            || (f.role == Role::Ancestor && new_id.as_deref() == Some(id.as_str()));
+        let id = crate::disk::identity_of(p)?;
+        let ok = journal::state::same_identity(records, i, &id)
+            || (f.role == Role::Ancestor && carries_new_guid(begin, &id));
         if !ok {
             return Err(Error::WriteRefused {
                 path: jpath.to_path_buf(),
@@ -374,7 +384,7 @@ fn check_files(
                     "the journal belongs to other files: it expects {} with {}, found {}",
                     p.display(),
                     f.identity,
-                    id
+                    id.describe()
                 ),
             });
         }

@@ -54,7 +54,7 @@ pub struct ParentRef {
 }
 
 /// The identity a child links to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Identity {
     /// VHDX: the parent's DataWriteGuid must equal one of these.

@@ -93,6 +93,9 @@ pub struct PlanRecord {
     pub digest: [u8; 32],
     /// Guest bytes the merge copies (progress is counted against it).
     pub bytes: u64,
+    /// The identity of every file of Begin (same order) at the start, as a
+    /// typed value; Begin keeps the same as text for version-1 readers.
+    pub identities: Vec<crate::disk::Identity>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -57,6 +57,21 @@ pub fn plan(records: &[Record]) -> Option<&PlanRecord> {
     })
 }
 
+/// Whether `found` is the identity Begin recorded for file `i`: as a
+/// typed value from the Plan (version 2), or as Begin's text (version 1).
+pub fn same_identity(records: &[Record], i: usize, found: &crate::disk::Identity) -> bool {
+    match plan(records).and_then(|p| p.identities.get(i)) {
+        Some(recorded) => recorded == found,
+        None => match records.first() {
+            Some(Record::Begin(b)) => b
+                .files
+                .get(i)
+                .is_some_and(|f| f.identity == found.describe()),
+            _ => false,
+        },
+    }
+}
+
 /// "merge of A into B (applying, checkpointed: 40.0 % durable)": what a
 /// refusal or `info` says of a pending journal.
 pub fn summary(loaded: &Loaded) -> String {
@@ -92,4 +107,52 @@ pub fn summary(loaded: &Loaded) -> String {
         "merge of {child} into {ancestor} ({}{progress})",
         state.name()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::Identity;
+    use crate::journal::{Begin, FileEntry};
+
+    fn begin(identity: &Identity) -> Record {
+        Record::Begin(Begin {
+            tool_version: "t".into(),
+            files: vec![FileEntry {
+                role: Role::Ancestor,
+                path: "a.vhdx".into(),
+                length: 0,
+                identity: identity.describe(),
+                fingerprint: String::new(),
+            }],
+            merged_levels: 1,
+            data_write_guid: None,
+            expected_digest: None,
+            keep: false,
+        })
+    }
+
+    /// Version 2 compares the typed value from the Plan, version 1 the text.
+    #[test]
+    fn identities_are_compared_as_recorded() {
+        let a = Identity::VhdUniqueId(uuid::Uuid::from_u128(1));
+        let b = Identity::VhdUniqueId(uuid::Uuid::from_u128(2));
+        let v1 = vec![begin(&a)];
+        assert!(same_identity(&v1, 0, &a) && !same_identity(&v1, 0, &b));
+        let plan = Record::Plan(PlanRecord {
+            digest: [0; 32],
+            bytes: 0,
+            identities: vec![a],
+        });
+        let v2 = vec![begin(&b), plan];
+        assert!(same_identity(&v2, 0, &a) && !same_identity(&v2, 0, &b));
+        // The typed value survives the journal's encoding.
+        let enc = crate::journal::encode(1, &v2[1]);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let mut all = crate::journal::encode(0, &v2[0]);
+        all.extend_from_slice(&enc);
+        std::fs::write(&p, &all).unwrap();
+        assert_eq!(crate::journal::load(&p).unwrap().records, v2);
+    }
 }

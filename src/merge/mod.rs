@@ -447,12 +447,14 @@ pub fn execute(
         true => Some(crate::verify::content_digest(&chain, |_| {})?.root),
         false => None,
     };
-    let (begin, new_guid) = begin_record(&chain, ancestor, &relink, expected, opts.keep)?;
+    let (begin, identities, new_guid) =
+        begin_record(&chain, ancestor, &relink, expected, opts.keep)?;
     let a_layer = chain.layers[ancestor].as_ref();
     let format = a_layer.format();
     let plan_record = journal::PlanRecord {
         digest: plan.digest,
         bytes: plan.bytes,
+        identities,
     };
     let tx = Transaction::begin(a_layer.path(), begin, plan_record, locks)?;
     failpoint("after-begin");

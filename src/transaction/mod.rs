@@ -66,7 +66,7 @@ pub(crate) fn begin_record(
     relink: &[Dependent],
     expected: Option<blake3::Hash>,
     keep: bool,
-) -> Result<(Begin, Option<Uuid>)> {
+) -> Result<(Begin, Vec<crate::disk::Identity>, Option<Uuid>)> {
     let a_layer = chain.layers[ancestor].as_ref();
     let new_guid = (a_layer.format() == Format::Vhdx).then(crate::guid::fresh);
     let jdir = canonical(a_layer.path())
@@ -85,6 +85,11 @@ pub(crate) fn begin_record(
         let l = crate::disk::open_layer(&d.path, false)?;
         files.push(file_entry(Role::Relinked, l.as_ref(), &jdir)?);
     }
+    let mut identities = vec![a_layer.identity()];
+    identities.extend(chain.layers[..ancestor].iter().map(|l| l.identity()));
+    for d in relink {
+        identities.push(crate::disk::open_layer(&d.path, false)?.identity());
+    }
     let begin = Begin {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         files,
@@ -93,7 +98,7 @@ pub(crate) fn begin_record(
         expected_digest: expected.map(|e| e.to_hex().to_string()),
         keep,
     };
-    Ok((begin, new_guid))
+    Ok((begin, identities, new_guid))
 }
 
 /// The files of one merge and its journal, from Begin to cleanup.
