@@ -1,7 +1,15 @@
 //! vhdmerge: read, write and merge VHD and VHDX differencing chains.
 //!
-//! Data flows one way: `io` (positioned I/O) → `format` (on-disk
+//! Reading flows one way: `io` (positioned I/O) → `format` (on-disk
 //! structures) → `disk` (layers and chains) → `verify` (digests).
+//!
+//! Merging adds the write side: `merge` plans a merge (runs, space,
+//! siblings) and copies it through `journal::storage` (the write-ahead
+//! rule) inside a `transaction` (Begin, checkpoints, commit, cleanup,
+//! undo, redo), whose records `journal` frames and reads back. `recover`
+//! finds a pending journal, decides from its state (`journal::State`,
+//! `recover::decide`) and resumes, finishes or rolls back the merge.
+//! `journal-format.md` specifies the bytes and the crash argument.
 
 pub mod disk;
 pub mod error;
