@@ -618,10 +618,7 @@ impl Apply<'_> {
     ) -> Result<Applied> {
         let (opts, tx) = (self.opts, self.tx);
         let levels = self.chain.layers.len();
-        let mut since_commit = 0u64;
-        let mut since_checkpoint = 0u64;
-        let mut last_checkpoint = Instant::now();
-        let mut batches = 0u64;
+        let mut points = DurablePoints::new(opts, tx, self.total);
         let mut copied: Vec<Copied> = Vec::new();
         let mut deciles: Vec<f64> = Vec::new();
         let mut next_decile = 1u64;
@@ -656,35 +653,7 @@ impl Apply<'_> {
                 copied.push((r.offset, r.len, hash));
                 a.write(r.offset, data)?;
                 done += r.len;
-                since_commit += r.len;
-                since_checkpoint += r.len;
-                let stop = opts.stop_requested();
-                if since_checkpoint >= opts.checkpoint_bytes
-                    || last_checkpoint.elapsed().as_secs_f64() >= CHECKPOINT_SECONDS
-                    || stop
-                {
-                    tx.checkpoint(a, r.offset + r.len, done)?;
-                    (since_commit, since_checkpoint) = (0, 0);
-                    last_checkpoint = Instant::now();
-                    batches += 1;
-                    batch_failpoints(batches);
-                    if stop {
-                        return Err(Error::Paused {
-                            ancestor: tx.ancestor.clone(),
-                            percent: percent(done, self.total),
-                        });
-                    }
-                // Commit per batch of data, or sooner when the metadata to log
-                // grows (scattered writes on a large disk touch a BAT page each).
-                } else if since_commit >= opts.batch_bytes
-                    || a.pending_metadata() >= MAX_PENDING_METADATA
-                {
-                    tx.locks.check_unchanged(&[tx.ancestor.as_path()])?;
-                    a.commit()?;
-                    since_commit = 0;
-                    batches += 1;
-                    batch_failpoints(batches);
-                }
+                points.after_copy(a, r.offset + r.len, r.len, done)?;
                 while next_decile <= 10 && done * 10 >= self.total * next_decile {
                     deciles.push(self.started.elapsed().as_secs_f64());
                     next_decile += 1;
@@ -715,6 +684,68 @@ impl Apply<'_> {
         tx.append_checkpoint(self.chain.virtual_size(), done)?;
         failpoint("after-apply");
         Ok(Applied { copied, deciles })
+    }
+}
+
+/// When the copy phase commits and checkpoints: per batch of data (or
+/// sooner when the metadata to log grows: scattered writes on a large disk
+/// touch a BAT page each), and per checkpoint interval, 30 s, or a stop.
+struct DurablePoints<'a> {
+    opts: &'a MergeOptions,
+    tx: &'a Transaction,
+    total: u64,
+    since_commit: u64,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+    batches: u64,
+}
+
+impl<'a> DurablePoints<'a> {
+    fn new(opts: &'a MergeOptions, tx: &'a Transaction, total: u64) -> Self {
+        DurablePoints {
+            opts,
+            tx,
+            total,
+            since_commit: 0,
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+            batches: 0,
+        }
+    }
+
+    /// After a run of `len` bytes ending at guest offset `end` was written
+    /// (`done` bytes in all): commit or checkpoint if one is due; a stop
+    /// request ends the copy at a checkpoint with `Paused`.
+    fn after_copy(&mut self, a: &mut Box<dyn Layer>, end: u64, len: u64, done: u64) -> Result<()> {
+        let (opts, tx) = (self.opts, self.tx);
+        self.since_commit += len;
+        self.since_checkpoint += len;
+        let stop = opts.stop_requested();
+        if self.since_checkpoint >= opts.checkpoint_bytes
+            || self.last_checkpoint.elapsed().as_secs_f64() >= CHECKPOINT_SECONDS
+            || stop
+        {
+            tx.checkpoint(a, end, done)?;
+            (self.since_commit, self.since_checkpoint) = (0, 0);
+            self.last_checkpoint = Instant::now();
+            self.batches += 1;
+            batch_failpoints(self.batches);
+            if stop {
+                return Err(Error::Paused {
+                    ancestor: tx.ancestor.clone(),
+                    percent: percent(done, self.total),
+                });
+            }
+        } else if self.since_commit >= opts.batch_bytes
+            || a.pending_metadata() >= MAX_PENDING_METADATA
+        {
+            tx.locks.check_unchanged(&[tx.ancestor.as_path()])?;
+            a.commit()?;
+            self.since_commit = 0;
+            self.batches += 1;
+            batch_failpoints(self.batches);
+        }
+        Ok(())
     }
 }
 
