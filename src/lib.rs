@@ -23,6 +23,7 @@ pub mod journal;
 pub mod merge;
 pub mod paths;
 pub mod recover;
+pub mod scan;
 pub mod transaction;
 pub mod verify;
 

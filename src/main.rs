@@ -23,6 +23,7 @@ macro_rules! out {
     }};
 }
 
+mod cli;
 mod demo;
 
 /// Exit codes: 0 success; 1 the operation failed or was refused (the
@@ -170,6 +171,29 @@ enum Cmd {
         json: bool,
         #[arg(long)]
         parent: Option<PathBuf>,
+    },
+    /// Show the checkpoint trees of whole folders: chains, orphans, broken
+    /// links, interrupted merges, and the merges that consolidate them.
+    /// Read-only. Exit 0 when nothing is wrong, 2 when an error was found
+    /// (broken link, pending merge, unreadable or damaged file), 1 when
+    /// the scan could not run.
+    Scan {
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Scan subfolders too (e.g. Snapshots/<GUID>/ of older hosts).
+        #[arg(long, short)]
+        recursive: bool,
+        /// Run `check` on every file.
+        #[arg(long)]
+        check: bool,
+        /// Compute the content digest of every leaf's chain.
+        #[arg(long)]
+        hash: bool,
+        /// The merge speed the plan's time estimates assume, per second.
+        #[arg(long, value_parser = parse_size, default_value = "200M")]
+        speed: u64,
+        #[arg(long)]
+        json: bool,
     },
     /// Build a small chain in a temporary folder and show what vhdmerge does.
     Demo,
@@ -653,6 +677,34 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 verify::check::Status::Clean => 0,
                 verify::check::Status::Corrupt => 2,
                 verify::check::Status::Incomplete => 1,
+            });
+        }
+        Cmd::Scan {
+            dirs,
+            recursive,
+            check,
+            hash,
+            speed,
+            json,
+        } => {
+            let opts = vhdmerge::scan::ScanOptions {
+                recursive,
+                check,
+                hash,
+                speed: speed.max(1),
+            };
+            let r = vhdmerge::scan::scan(&dirs, &opts)?;
+            if json {
+                out!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).expect("serializable")
+                );
+            } else {
+                out!("{}", cli::scan::render(&r).trim_end());
+            }
+            return Ok(match r.worst() {
+                Some(vhdmerge::scan::Severity::Error) => 2,
+                _ => 0,
             });
         }
         Cmd::Demo => demo::run()?,

@@ -59,7 +59,7 @@ impl Chain {
             let child_path = child.path().to_path_buf();
             let (ppath, how) = match (layers.len(), &opts.parent) {
                 (1, Some(p)) => (p.clone(), "--parent".to_string()),
-                _ => pick(&child_path, &pref.candidates)?,
+                _ => locate_parent(&child_path, &pref.candidates)?,
             };
             let key = canonical(&ppath);
             if !seen.insert(key.clone()) {
@@ -184,7 +184,9 @@ impl Chain {
     }
 }
 
-fn pick(child: &Path, candidates: &[(String, PathBuf)]) -> Result<(PathBuf, String)> {
+/// The first locator candidate that names a regular file, with how it was
+/// derived; `ParentMissing` listing every candidate when none does.
+pub fn locate_parent(child: &Path, candidates: &[(String, PathBuf)]) -> Result<(PathBuf, String)> {
     for (how, p) in candidates {
         // Only regular files: a locator must never lead into a device or a folder.
         if std::fs::metadata(p).is_ok_and(|m| m.is_file()) {
@@ -197,7 +199,9 @@ fn pick(child: &Path, candidates: &[(String, PathBuf)]) -> Result<(PathBuf, Stri
     })
 }
 
-fn check_link(child: &dyn Layer, parent: &dyn Layer, expected: &super::Identity) -> Result<()> {
+/// The identity proof of a link: same format, the identity the child
+/// expects, same virtual size and logical sector size.
+pub fn check_link(child: &dyn Layer, parent: &dyn Layer, expected: &super::Identity) -> Result<()> {
     let mismatch = |detail: String| Error::ChainMismatch {
         child: child.path().to_path_buf(),
         parent: parent.path().to_path_buf(),

@@ -141,6 +141,43 @@ pub trait Layer: Send + Sync {
     fn pending_metadata(&self) -> u64 {
         0
     }
+    /// VHDX log entries that a read-only open replayed in memory only: the
+    /// file on disk still needs them (it was not closed cleanly).
+    fn unreplayed_log_entries(&self) -> usize {
+        0
+    }
+}
+
+/// What a file is by its content, whatever its name: VHDX by the file
+/// signature, VHD by the `conectix` cookie of its footer (at the end, the
+/// 511-byte footer of old files, or the copy at offset 0). `None` for
+/// anything else. Reads at most three small pieces of the file.
+pub fn sniff(path: &Path) -> Result<Option<Format>> {
+    use crate::io::Storage;
+    let file = crate::io::FileStorage::open(path, false)?;
+    let len = file
+        .len()
+        .map_err(|e| Error::io(path, "reading the size", e))?;
+    let has = |offset: u64, magic: &[u8]| -> Result<bool> {
+        if offset + magic.len() as u64 > len {
+            return Ok(false);
+        }
+        let mut buf = vec![0u8; magic.len()];
+        file.read_at(&mut buf, offset)
+            .map_err(|e| Error::io(path, "reading the signature", e))?;
+        Ok(buf == magic)
+    };
+    if has(0, crate::format::vhdx::FILE_SIGNATURE)? {
+        return Ok(Some(Format::Vhdx));
+    }
+    let cookie = crate::format::vhd::COOKIE;
+    let tails = [len.checked_sub(512), len.checked_sub(511), Some(0)];
+    for at in tails.into_iter().flatten() {
+        if len >= 512 && has(at, cookie)? {
+            return Ok(Some(Format::Vhd));
+        }
+    }
+    Ok(None)
 }
 
 /// The identity a file offers its children, read from its headers alone

@@ -623,6 +623,13 @@ impl Layer for VhdxDisk {
         }
     }
 
+    fn unreplayed_log_entries(&self) -> usize {
+        match self.log_state {
+            LogState::ReplayedInMemory { entries } => entries,
+            _ => 0,
+        }
+    }
+
     fn info(&self) -> Result<LayerInfo> {
         let cr = self.geo.chunk_ratio();
         let mut blocks = 0;

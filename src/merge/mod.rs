@@ -238,6 +238,86 @@ fn ancestor_reads_zero(a: &dyn Layer, offset: u64, len: u64) -> Result<bool> {
     Ok(true)
 }
 
+/// The size of a merge of `chain`'s levels `0..ancestor` into `ancestor`,
+/// measured from the BATs and bitmaps alone (no data is read).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Sizing {
+    pub runs: u64,
+    /// Guest bytes to copy.
+    pub bytes: u64,
+    /// Bytes of the ancestor overwritten in place (before-images).
+    pub overwrite_bytes: u64,
+    /// Ancestor blocks to allocate, and their bytes.
+    pub new_blocks: u64,
+    pub new_bytes: u64,
+    /// Bytes written into new blocks, by 4 KiB page: all that new blocks
+    /// take on a file system with sparse files.
+    pub new_pages: u64,
+    pub journal_estimate: u64,
+    #[serde(skip)]
+    pub digest: [u8; 32],
+}
+
+impl Sizing {
+    /// Free space the merge needs beside the ancestor: new data (whole new
+    /// blocks where the file system cannot leave holes), a bitmap page per
+    /// new block and 1/64 of slack, and the journal.
+    pub fn space_needed(&self, sparse_files: bool) -> u64 {
+        let new_data = match sparse_files {
+            true => self.new_pages,
+            false => self.new_bytes,
+        };
+        new_data + self.new_blocks * 4096 + new_data / 64 + self.journal_estimate
+    }
+}
+
+/// Measures a merge into `chain.layers[ancestor]` (see `Sizing`).
+pub fn measure(chain: &Chain, ancestor: usize) -> Result<Sizing> {
+    let a = chain.layers[ancestor].as_ref();
+    let (mut runs, mut bytes, mut overwrite) = (0u64, 0u64, 0u64);
+    let mut new_blocks = std::collections::BTreeSet::new();
+    // Bytes written into blocks the ancestor does not have yet, by page:
+    // the rest of such a block is a hole in the file (blocks are added by
+    // growing the file).
+    let mut new_pages = 0u64;
+    let mut digest = blake3::Hasher::new();
+    for_each_run(chain, ancestor, 0, |r| {
+        hash_run(&mut digest, &r);
+        if r.source.is_none() && ancestor_reads_zero(a, r.offset, r.len)? {
+            return Ok(());
+        }
+        runs += 1;
+        bytes += r.len;
+        let mut pos = r.offset;
+        while pos < r.offset + r.len {
+            let (ext, n) = a.map(pos, r.offset + r.len - pos)?;
+            match ext {
+                Extent::Data(_) => overwrite += n,
+                _ => {
+                    new_blocks.insert(pos / a.block_size());
+                    new_pages += (pos + n).next_multiple_of(4096) - pos / 4096 * 4096;
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    })?;
+    let new_blocks = new_blocks.len() as u64;
+    // Before-images: overwritten bytes (whole pages), metadata pages, the
+    // VHDX headers and log region; plus one Copy record per run.
+    let meta = (new_blocks + runs / 64 + 16) * 8192 + (2 << 20);
+    Ok(Sizing {
+        runs,
+        bytes,
+        overwrite_bytes: overwrite,
+        new_blocks,
+        new_bytes: new_blocks * a.block_size(),
+        new_pages,
+        journal_estimate: overwrite.next_multiple_of(4096) * 2 + meta + runs * 96,
+        digest: *digest.finalize().as_bytes(),
+    })
+}
+
 pub struct Prepared {
     pub chain: Chain,
     pub ancestor: usize,
@@ -325,47 +405,8 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
     preflight::check_writable(&writes, &folders)?;
 
     let a = chain.layers[ancestor].as_ref();
-    let (mut runs, mut bytes, mut overwrite) = (0u64, 0u64, 0u64);
-    let mut new_blocks = std::collections::BTreeSet::new();
-    // Bytes written into blocks the ancestor does not have yet, by page:
-    // the rest of such a block is a hole in the file (blocks are added by
-    // growing the file), so on a file system with sparse files only
-    // these pages take space.
-    let mut new_pages = 0u64;
-    let mut digest = blake3::Hasher::new();
-    for_each_run(&chain, ancestor, 0, |r| {
-        hash_run(&mut digest, &r);
-        if r.source.is_none() && ancestor_reads_zero(a, r.offset, r.len)? {
-            return Ok(());
-        }
-        runs += 1;
-        bytes += r.len;
-        let mut pos = r.offset;
-        while pos < r.offset + r.len {
-            let (ext, n) = a.map(pos, r.offset + r.len - pos)?;
-            match ext {
-                Extent::Data(_) => overwrite += n,
-                _ => {
-                    new_blocks.insert(pos / a.block_size());
-                    new_pages += (pos + n).next_multiple_of(4096) - pos / 4096 * 4096;
-                }
-            }
-            pos += n;
-        }
-        Ok(())
-    })?;
-    let new_bytes = new_blocks.len() as u64 * a.block_size();
-    // Before-images: overwritten bytes (whole pages), metadata pages, the
-    // VHDX headers and log region; plus one Copy record per run.
-    let meta = (new_blocks.len() as u64 + runs / 64 + 16) * 8192 + (2 << 20);
-    let journal_estimate = overwrite.next_multiple_of(4096) * 2 + meta + runs * 96;
-    // New data (whole new blocks where the file system cannot leave
-    // holes), a bitmap page per new block and 1/64 of slack, and the journal.
-    let new_data = match preflight::sparse_files(a.path()) {
-        true => new_pages,
-        false => new_bytes,
-    };
-    let space_needed = new_data + new_blocks.len() as u64 * 4096 + new_data / 64 + journal_estimate;
+    let size = measure(&chain, ancestor)?;
+    let space_needed = size.space_needed(preflight::sparse_files(a.path()));
     let free_space = preflight::check_space(a.path(), space_needed)?;
     let plan = Plan {
         child: child.to_path_buf(),
@@ -377,16 +418,16 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
             .collect(),
         relink: relink.iter().map(|d| d.path.clone()).collect(),
         siblings: siblings.iter().map(|d| d.path.clone()).collect(),
-        runs,
-        bytes,
-        overwrite_bytes: overwrite,
-        new_blocks: new_blocks.len() as u64,
-        new_bytes,
-        journal_estimate,
+        runs: size.runs,
+        bytes: size.bytes,
+        overwrite_bytes: size.overwrite_bytes,
+        new_blocks: size.new_blocks,
+        new_bytes: size.new_bytes,
+        journal_estimate: size.journal_estimate,
         space_needed,
         free_space,
         journal: journal::path_for(a.path()),
-        digest: *digest.finalize().as_bytes(),
+        digest: size.digest,
     };
     Ok(Prepared {
         chain,
