@@ -76,10 +76,9 @@ pub fn of_files(f: &Forest, files: &[FileReport], journals: &[JournalReport]) ->
         let r = &files[i];
         let pending = n.pending.map(|j| &journals[j]);
         let broken = n.link.as_ref().and_then(|l| link_finding(f, i, l, pending));
-        match (&r.possibly_orphaned, broken) {
-            (Some(why), broken) => out.push(orphan(&n.path, why, broken)),
-            (None, Some(b)) => out.push(b),
-            (None, None) => {}
+        out.extend(broken);
+        if let Some(why) = &r.possibly_orphaned {
+            out.push(orphan(&n.path, why));
         }
         if let Some(p) = n.parent
             && n.link.as_ref().is_some_and(|l| l.status.usable())
@@ -119,21 +118,13 @@ pub fn of_files(f: &Forest, files: &[FileReport], journals: &[JournalReport]) ->
     out
 }
 
-/// A possibly orphaned file: an error when its link is broken too (if it
-/// is in use after all, it cannot be read), else a warning.
-fn orphan(path: &Path, why: &str, broken_link: Option<Finding>) -> Finding {
-    let (severity, message) = match broken_link {
-        Some(b) => (
-            Severity::Error,
-            format!("possibly orphaned: {why}. Its link: {}", b.message),
-        ),
-        None => (Severity::Warning, format!("possibly orphaned: {why}")),
-    };
+/// A file that looks left behind. A warning: only its owner can tell.
+fn orphan(path: &Path, why: &str) -> Finding {
     Finding::new(
-        severity,
+        Severity::Warning,
         "possibly_orphaned",
         path,
-        message,
+        format!("possibly orphaned: {why}"),
         vec![
             format!("vhdmerge info {}", quote(path)),
             format!("rm {}  # once nothing needs it", quote(path)),

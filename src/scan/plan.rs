@@ -38,52 +38,15 @@ pub struct Step {
     pub note: String,
 }
 
-/// Where a chain of merges starts: a leaf, or a file that several
-/// children share (merging it re-links all of them).
-fn heads(f: &Forest) -> Vec<usize> {
-    let mut h: Vec<usize> = (0..f.nodes.len())
-        .filter(|&i| f.nodes[i].children.len() != 1 && f.nodes[i].layer.is_some())
-        .collect();
-    // Deepest first: a merge lower in a tree never changes the files a
-    // merge higher up names.
-    h.sort_by_key(|&i| {
-        (
-            std::cmp::Reverse(f.path_up(i).len()),
-            f.nodes[i].path.clone(),
-        )
-    });
-    h
-}
-
-/// The files from `head` up to the segment's top: the last file whose
-/// parent is missing or shared with other children.
-fn segment(f: &Forest, head: usize) -> Vec<usize> {
-    let mut seg = vec![head];
-    let mut at = head;
-    while let Some(p) = f.nodes[at].parent {
-        if f.nodes[p].children.len() != 1 || f.nodes[p].layer.is_none() {
-            break;
-        }
-        seg.push(p);
-        at = p;
-    }
-    seg
-}
-
-/// The merge steps of every tree whose files no pending merge names.
+/// The merge steps of every tree that reaches a full disk and whose files
+/// no pending merge names.
 pub fn build(f: &mut Forest, speed: u64) -> Vec<Step> {
     let mut steps = Vec::new();
-    for head in heads(f) {
-        if f.subtree(*f.path_up(head).last().expect("non-empty"))
-            .iter()
-            .any(|&i| f.nodes[i].pending.is_some())
-        {
-            continue;
-        }
-        let seg = segment(f, head);
-        steps.extend(segment_steps(f, &seg, speed));
-        if let Some(blocked) = blocked_step(f, *seg.last().expect("non-empty"), speed) {
-            steps.push(blocked);
+    for root in f.roots() {
+        let tree = f.subtree(root);
+        let complete = f.nodes[root].layer.is_some() && !f.nodes[root].differencing();
+        if complete && tree.iter().all(|&i| f.nodes[i].pending.is_none()) {
+            steps.extend(tree_steps(f, &tree, speed));
         }
     }
     // Runnable steps first, in order; the blocked ones after them.
@@ -91,52 +54,161 @@ pub fn build(f: &mut Forest, speed: u64) -> Vec<Step> {
     steps
 }
 
-/// Merges that fold `seg` (bottom first) into its top. A link that needs
-/// `--parent` must be the top link of its command, so the segment splits
-/// there: each command merges into the file above the next such link.
-fn segment_steps(f: &mut Forest, seg: &[usize], speed: u64) -> Vec<Step> {
+/// `merge` opens a child's whole chain, and only the child's own parent
+/// can be named with `--parent`: so links that need `--parent` are merged
+/// away first, nearest the root first (`tree` is in that order), each on
+/// its own. Then every remaining chain of single children folds into its
+/// top with one `merge --into`, deepest first.
+fn tree_steps(f: &mut Forest, tree: &[usize], speed: u64) -> Vec<Step> {
     let mut steps = Vec::new();
-    let mut cur = 0;
-    while cur + 1 < seg.len() {
-        let target = (cur + 1..seg.len() - 1)
-            .find(|&k| f.nodes[seg[k]].via_override())
-            .unwrap_or(seg.len() - 1);
-        let mut args = vec!["merge".to_string(), arg(&f.nodes[seg[cur]].path)];
-        if f.nodes[seg[cur]].via_override() {
-            args.extend(["--parent".into(), arg(&f.nodes[seg[cur + 1]].path)]);
+    let mut removed = vec![false; f.nodes.len()];
+    let mut stuck = false;
+    for &i in tree {
+        if !f.nodes[i].via_override() {
+            continue;
         }
-        if target > cur + 1 {
-            args.extend(["--into".into(), arg(&f.nodes[seg[target]].path)]);
+        let p = f.nodes[i].parent.expect("an override has a parent");
+        let path = |k: usize| arg(&f.nodes[k].path);
+        let args = vec!["merge".into(), path(i), "--parent".into(), path(p)];
+        let siblings = siblings(f, p, i);
+        if f.nodes[p].via_override() {
+            stuck = true;
+            let note = "its parent's own link is broken too: merge the parent first (by hand, naming its parent with --parent), then scan again";
+            steps.push(step(
+                f,
+                &[i, p],
+                args,
+                vec![f.nodes[p].path.clone()],
+                speed,
+                note,
+            ));
+        } else if !siblings.is_empty() {
+            stuck = true;
+            steps.push(step(f, &[i, p], args, siblings, speed, BLOCKED));
+        } else {
+            removed[i] = true;
+            steps.push(step(f, &[i, p], args, vec![], speed, ""));
         }
-        steps.push(step(f, &seg[cur..=target], args, vec![], speed));
-        cur = target;
+    }
+    if stuck {
+        return steps; // the merges below would open a chain that is broken
+    }
+    let view = View::new(f, tree, &removed);
+    for head in view.heads(f) {
+        let seg = view.segment(head);
+        let top = *seg.last().expect("non-empty");
+        if seg.len() > 1 {
+            let mut args = vec!["merge".to_string(), arg(&f.nodes[head].path)];
+            if seg.len() > 2 {
+                args.extend(["--into".into(), arg(&f.nodes[top].path)]);
+            }
+            let levels = original_levels(f, head, top);
+            steps.push(step(f, &levels, args, vec![], speed, ""));
+        }
+        if let Some(p) = view.parent[top] {
+            let siblings: Vec<PathBuf> = view.children[p]
+                .iter()
+                .filter(|&&c| c != top && blocks(f, c))
+                .map(|&c| f.nodes[c].path.clone())
+                .collect();
+            if !siblings.is_empty() {
+                let args = vec!["merge".to_string(), arg(&f.nodes[top].path)];
+                let levels = original_levels(f, top, p);
+                steps.push(step(f, &levels, args, siblings, speed, BLOCKED));
+            }
+        }
     }
     steps
 }
 
-/// The merge of a segment's top into a parent it shares with siblings:
-/// listed so the user sees what must be decided, marked as blocked.
-fn blocked_step(f: &mut Forest, top: usize, speed: u64) -> Option<Step> {
-    let parent = f.nodes[top].parent?;
-    f.nodes[parent].layer.as_ref()?;
-    // As `merge` counts them: children that link by locator and identity,
-    // with a disk image's name.
-    let siblings: Vec<PathBuf> = f.nodes[parent]
+const BLOCKED: &str = "`merge` refuses while other disks depend on the target: keep one branch (merge or delete the others) first";
+
+/// The files from `from` up to `to` in the tree as found (with files that
+/// earlier steps merge away): what a merge's size is measured on.
+fn original_levels(f: &Forest, from: usize, to: usize) -> Vec<usize> {
+    let up = f.path_up(from);
+    let end = up.iter().position(|&k| k == to).expect("an ancestor");
+    up[..=end].to_vec()
+}
+
+/// Whether `merge` counts child `c` as depending on its parent: it links
+/// by locator and identity, and has a disk image's name.
+fn blocks(f: &Forest, c: usize) -> bool {
+    !f.nodes[c].via_override() && is_disk_name(&f.nodes[c].path)
+}
+
+/// The children of `p` other than `i` that block a merge into `p`.
+fn siblings(f: &Forest, p: usize, i: usize) -> Vec<PathBuf> {
+    f.nodes[p]
         .children
         .iter()
-        .filter(|&&c| c != top)
-        .map(|&c| &f.nodes[c])
-        .filter(|n| !n.via_override() && is_disk_name(&n.path))
-        .map(|n| n.path.clone())
-        .collect();
-    if siblings.is_empty() {
-        return None;
+        .filter(|&&c| c != i && blocks(f, c))
+        .map(|&c| f.nodes[c].path.clone())
+        .collect()
+}
+
+/// A tree as it is once the `--parent` merges have run: their files are
+/// gone and their children hang from the file they merged into.
+struct View {
+    parent: Vec<Option<usize>>,
+    children: Vec<Vec<usize>>,
+    /// The tree's files that remain, in tree order (nearest the root first).
+    live: Vec<usize>,
+}
+
+impl View {
+    fn new(f: &Forest, tree: &[usize], removed: &[bool]) -> View {
+        let n = f.nodes.len();
+        let mut v = View {
+            parent: vec![None; n],
+            children: vec![Vec::new(); n],
+            live: tree.iter().copied().filter(|&i| !removed[i]).collect(),
+        };
+        for &i in &v.live {
+            let mut p = f.nodes[i].parent;
+            while let Some(q) = p.filter(|&q| removed[q]) {
+                p = f.nodes[q].parent;
+            }
+            v.parent[i] = p;
+        }
+        for &i in &v.live {
+            if let Some(p) = v.parent[i] {
+                v.children[p].push(i);
+            }
+        }
+        v
     }
-    let mut args = vec!["merge".to_string(), arg(&f.nodes[top].path)];
-    if f.nodes[top].via_override() {
-        args.extend(["--parent".into(), arg(&f.nodes[parent].path)]);
+
+    /// Where a chain of merges starts: a leaf, or a file that several
+    /// children share (merging it re-links all of them). Deepest first:
+    /// a merge lower in a tree never changes the files a merge higher up
+    /// names.
+    fn heads(&self, f: &Forest) -> Vec<usize> {
+        let mut h: Vec<usize> = (self.live.iter().copied())
+            .filter(|&i| self.children[i].len() != 1)
+            .collect();
+        h.sort_by_key(|&i| (std::cmp::Reverse(self.depth(i)), f.nodes[i].path.clone()));
+        h
     }
-    Some(step(f, &[top, parent], args, siblings, speed))
+
+    fn depth(&self, mut i: usize) -> usize {
+        let mut d = 0;
+        while let Some(p) = self.parent[i] {
+            (i, d) = (p, d + 1);
+        }
+        d
+    }
+
+    /// `head` and its parents while each parent has no other child.
+    fn segment(&self, head: usize) -> Vec<usize> {
+        let mut seg = vec![head];
+        let mut at = head;
+        while let Some(p) = self.parent[at].filter(|&p| self.children[p].len() == 1) {
+            seg.push(p);
+            at = p;
+        }
+        seg
+    }
 }
 
 fn step(
@@ -145,6 +217,7 @@ fn step(
     args: Vec<String>,
     blocked_by: Vec<PathBuf>,
     speed: u64,
+    note: &str,
 ) -> Step {
     let into = f.nodes[*levels.last().expect("two levels")].path.clone();
     let merges = levels[..levels.len() - 1]
@@ -154,10 +227,9 @@ fn step(
     let sizing: Option<Sizing> = f
         .with_chain(levels, |c| measure(c, levels.len() - 1).ok())
         .flatten();
-    let note = match (&sizing, blocked_by.is_empty()) {
-        (None, _) => "could not be sized: a file of it cannot be read".into(),
-        (_, false) => "`merge` refuses while other disks depend on the target: keep one branch (merge or delete the others) first".into(),
-        _ => String::new(),
+    let note = match sizing {
+        None => "could not be sized: a file of it cannot be read".to_string(),
+        Some(_) => note.to_string(),
     };
     let s = sizing.unwrap_or_default();
     let space_needed = s.space_needed(sparse_files(&into));
