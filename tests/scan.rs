@@ -503,6 +503,11 @@ fn an_interrupted_merge_is_pending_and_recover_comes_first() {
         file(&v, "cur.avhdx")["pending_journal"].is_string(),
         "{v:#}"
     );
+    // Shown where it was, under the file it is being merged into, and
+    // never hashed half merged.
+    assert_eq!(name(&file(&v, "cur.avhdx")["parent"]), "snap.avhdx");
+    let (h, _) = scan(&[d], &["--hash"]);
+    assert!(file(&h, "cur.avhdx")["content_digest"].is_null());
     let text = ok_code(&["scan", d.to_str().unwrap()], 2);
     assert!(text.contains("1. vhdmerge recover"), "{text}");
     let last = consolidate(d);

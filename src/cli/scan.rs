@@ -15,14 +15,17 @@ pub fn render(r: &Report) -> String {
         r.files.iter().map(|f| (f.path.as_path(), f)).collect();
     let _ = writeln!(
         s,
-        "scanned {}: {} disk images, {} journals",
+        "scanned {}: {}, {}",
         r.scanned
             .iter()
             .map(|p| p.display().to_string())
             .collect::<Vec<_>>()
             .join(", "),
-        r.files.iter().filter(|f| !f.outside_scan).count(),
-        r.journals.len()
+        count(
+            r.files.iter().filter(|f| !f.outside_scan).count(),
+            "disk image"
+        ),
+        count(r.journals.len(), "journal")
     );
     let mut roots: Vec<&FileReport> = r.files.iter().filter(|f| f.parent.is_none()).collect();
     roots.sort_by(|a, b| a.path.cmp(&b.path));
@@ -103,13 +106,15 @@ fn describe(f: &FileReport) -> String {
         && !l.status.usable()
     {
         let mut t = l.status.describe().to_string();
-        if f.parent.is_some() {
+        if f.pending_journal.is_some() {
+            t.push_str(" while a merge is pending");
+        } else if f.parent.is_some() {
             t.push_str(", shown under the file with its identity (--parent)");
         }
         tags.push(t);
     }
     if f.pending_journal.is_some() {
-        tags.push("pending merge".into());
+        tags.push("in an interrupted merge".into());
     }
     if f.possibly_orphaned.is_some() {
         tags.push("possibly orphaned".into());
@@ -127,6 +132,14 @@ fn describe(f: &FileReport) -> String {
         let _ = write!(d, "  [{t}]");
     }
     d
+}
+
+/// "1 journal", "2 journals".
+fn count(n: usize, what: &str) -> String {
+    match n {
+        1 => format!("1 {what}"),
+        n => format!("{n} {what}s"),
+    }
 }
 
 fn findings(s: &mut String, list: &[Finding]) {

@@ -136,13 +136,15 @@ fn orphan(path: &Path, why: &str) -> Finding {
 fn file_state(path: &Path, r: &FileReport) -> Vec<Finding> {
     let mut out = Vec::new();
     let check_cmd = vec![format!("vhdmerge check {}", quote(path))];
-    if r.unreplayed_log_entries > 0 {
+    // A file an interrupted merge was writing has a live log; recover
+    // deals with it.
+    if r.unreplayed_log_entries > 0 && r.pending_journal.is_none() {
         out.push(Finding::new(
             Severity::Warning,
             "dirty_log",
             path,
             format!(
-                "its VHDX log holds {} entries not yet written into the file (it was not closed cleanly). Readers, this scan included, replay them in memory; the first writer replays them into the file (a merge into it does, Hyper-V does when the VM starts)",
+                "its VHDX log holds entries not yet written into the file ({}; it was not closed cleanly). Readers, this scan included, replay them in memory; the first writer replays them into the file (a merge into it does, Hyper-V does when the VM starts)",
                 r.unreplayed_log_entries
             ),
             check_cmd.clone(),

@@ -75,6 +75,8 @@ pub struct ParentLink {
 pub struct Node {
     pub path: PathBuf,
     pub layer: Option<Box<dyn Layer>>,
+    /// Why the file could not be opened.
+    pub error: Option<String>,
     pub info: Option<LayerInfo>,
     /// (length, modification time) when first opened.
     pub stat: Option<(u64, Option<SystemTime>)>,
@@ -95,9 +97,11 @@ impl Node {
             .is_some_and(|l| l.kind() == Kind::Differencing)
     }
     /// Whether the tree link needs `--parent` (it is not the file the
-    /// locators lead to).
+    /// locators lead to, or that file fails the proof).
     pub fn via_override(&self) -> bool {
-        self.parent.is_some() && self.link.as_ref().is_some_and(|l| !l.status.usable())
+        self.parent.is_some()
+            && self.pending.is_none()
+            && self.link.as_ref().is_some_and(|l| !l.status.usable())
     }
 }
 
@@ -129,6 +133,7 @@ impl Forest {
         let info = layer.as_ref().and_then(|l| l.info().ok());
         self.nodes.push(Node {
             path: path.to_path_buf(),
+            error: err.as_ref().map(|e| e.to_string()),
             layer,
             info,
             stat,
@@ -278,6 +283,28 @@ impl Forest {
                 }
                 seen.push(p);
                 at = p;
+            }
+        }
+    }
+
+    /// A child whose link an interrupted merge broke (the merge changed
+    /// its parent's identity) hangs in the tree from the file its
+    /// locators lead to, when the same journal names both.
+    pub fn attach_pending(&mut self) {
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            let (Some(j), Some(link)) = (n.pending, n.link.as_ref()) else {
+                continue;
+            };
+            if link.status.usable() || n.parent.is_some() {
+                continue;
+            }
+            let Some(p) = link.parent.as_deref().and_then(|p| self.find(p)) else {
+                continue;
+            };
+            if self.nodes[p].pending == Some(j) && !self.path_up(p).contains(&i) {
+                self.nodes[i].parent = Some(p);
+                self.nodes[p].children.push(i);
             }
         }
     }

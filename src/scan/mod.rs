@@ -205,6 +205,7 @@ pub fn scan(dirs: &[PathBuf], opts: &ScanOptions) -> Result<Report> {
     let journals: Vec<JournalReport> = (found.journals.iter().enumerate())
         .map(|(k, j)| read_journal(j, k, &mut forest))
         .collect();
+    forest.attach_pending();
     let mut files: Vec<FileReport> = (0..forest.nodes.len())
         .map(|i| file_report(&mut forest, i, &journals))
         .collect();
@@ -253,7 +254,7 @@ fn file_report(f: &mut Forest, i: usize, journals: &[JournalReport]) -> FileRepo
         file_size: info.map(|i| i.file_size).or(n.stat.map(|s| s.0)),
         block_size: info.map(|i| i.block_size),
         allocated_bytes: info.map(|i| i.allocated_bytes),
-        error: None,
+        error: n.error.clone(),
         outside_scan: n.outside,
         link: n.link.clone(),
         parent: n.parent.map(|p| f.nodes[p].path.clone()),
@@ -370,8 +371,12 @@ fn hash_leaves(forest: &mut Forest, files: &mut [FileReport], findings: &mut Vec
         }
         let levels = forest.path_up(i);
         let root = *levels.last().expect("non-empty");
-        if forest.nodes[root].differencing() {
-            continue; // its parent is lost: the chain cannot be read
+        // A lost parent, or a merge half done: the chain does not read
+        // as any disk did.
+        if forest.nodes[root].differencing()
+            || levels.iter().any(|&k| forest.nodes[k].pending.is_some())
+        {
+            continue;
         }
         match forest.with_chain(&levels, |c| verify::content_digest(c, |_| {})) {
             Some(Ok(d)) => file.content_digest = Some(d.root.to_hex().to_string()),
