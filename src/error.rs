@@ -64,7 +64,8 @@ pub enum Error {
     Invalid(String),
 }
 
-fn list(paths: &[PathBuf]) -> String {
+/// Paths for a message, comma-separated.
+pub(crate) fn list(paths: &[PathBuf]) -> String {
     if paths.is_empty() {
         return "(no locator entries)".into();
     }

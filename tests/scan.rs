@@ -533,15 +533,8 @@ fn damaged_and_foreign_files_are_findings_and_the_scan_goes_on() {
     junk.extend(rng.bytes(1 << 20));
     std::fs::write(d.join("junk.vhdx"), junk).unwrap();
     // A VHD by content with another extension is still found.
-    let vhd = d.join("disk.img");
-    create::create_vhd(
-        &vhd,
-        &VhdOptions {
-            size: 8 << 20,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    new_base(&d.join("disk.vhd"), &mut rng);
+    std::fs::rename(d.join("disk.vhd"), d.join("disk.img")).unwrap();
     let (v, code) = scan(&[d], &[]);
     assert_eq!(code, 2);
     let k = kinds(&v);

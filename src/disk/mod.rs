@@ -6,7 +6,6 @@ pub mod create;
 pub mod raw;
 pub mod vhd;
 pub mod vhdx;
-mod vhdx_open;
 
 use std::path::{Path, PathBuf};
 
@@ -153,8 +152,10 @@ pub trait Layer: Send + Sync {
 /// 511-byte footer of old files, or the copy at offset 0). `None` for
 /// anything else. Reads at most three small pieces of the file.
 pub fn sniff(path: &Path) -> Result<Option<Format>> {
-    use crate::io::Storage;
-    let file = crate::io::FileStorage::open(path, false)?;
+    sniff_storage(path, &crate::io::FileStorage::open(path, false)?)
+}
+
+fn sniff_storage(path: &Path, file: &dyn crate::io::Storage) -> Result<Option<Format>> {
     let len = file
         .len()
         .map_err(|e| Error::io(path, "reading the size", e))?;
@@ -184,21 +185,9 @@ pub fn sniff(path: &Path) -> Result<Option<Format>> {
 /// (VHDX current header, VHD footer) without validating the rest: recovery
 /// must recognise a file even while it is half rolled back.
 pub fn identity_of(path: &Path) -> Result<Identity> {
-    use crate::format::vhdx::header::{self, Header};
     let src = crate::io::Src::new(path, Box::new(crate::io::FileStorage::open(path, false)?));
-    let sig = src.read_vec(8, 0, "the signature")?;
-    if sig.as_slice() == crate::format::vhdx::FILE_SIGNATURE {
-        let mut slots = [
-            Err(header::HeaderFault::Signature),
-            Err(header::HeaderFault::Signature),
-        ];
-        for (i, off) in crate::format::vhdx::HEADER_OFFSETS.iter().enumerate() {
-            slots[i] = Header::decode(&src.read_vec(header::SIZE, *off, "a header")?);
-        }
-        let cur = header::current(&slots).ok_or_else(|| {
-            crate::error::Error::corrupt(path, "headers", 0x10000, "no valid current header")
-        })?;
-        let h = slots[cur].clone().expect("current is valid");
+    if sniff(path)? == Some(Format::Vhdx) {
+        let (h, _, _) = vhdx::read_headers(&src)?;
         return Ok(Identity::VhdxLinkage {
             linkage: h.data_write_guid,
             linkage2: None,
@@ -211,7 +200,7 @@ pub fn identity_of(path: &Path) -> Result<Identity> {
             return Ok(Identity::VhdUniqueId(f.unique_id));
         }
     }
-    Err(crate::error::Error::corrupt(
+    Err(Error::corrupt(
         path,
         "footer",
         len.saturating_sub(512),
@@ -225,38 +214,17 @@ pub fn open_layer_with(
     io: Box<dyn crate::io::Storage>,
     writable: bool,
 ) -> Result<Box<dyn Layer>> {
-    let mut sig = [0u8; 8];
-    let len = io
-        .len()
-        .map_err(|e| crate::error::Error::io(path, "reading size", e))?;
-    if len >= 8 {
-        io.read_at(&mut sig, 0)
-            .map_err(|e| crate::error::Error::io(path, "reading the signature", e))?;
-    }
-    if &sig == crate::format::vhdx::FILE_SIGNATURE {
-        Ok(Box::new(vhdx::VhdxDisk::open_with(path, io, writable)?))
-    } else {
-        Ok(Box::new(vhd::VhdDisk::open_with(path, io, writable)?))
-    }
+    Ok(match sniff_storage(path, io.as_ref())? {
+        Some(Format::Vhdx) => Box::new(vhdx::VhdxDisk::open_with(path, io, writable)?),
+        _ => Box::new(vhd::VhdDisk::open_with(path, io, writable)?),
+    })
 }
 
 /// Opens one file by its content (not its name): VHDX by its signature,
 /// VHD by its footer, anything else is refused (raw only on request).
 pub fn open_layer(path: &Path, writable: bool) -> Result<Box<dyn Layer>> {
-    let src = crate::io::FileStorage::open(path, false)?;
-    let mut sig = [0u8; 8];
-    let len = crate::io::Storage::len(&src)
-        .map_err(|e| crate::error::Error::io(path, "reading size", e))?;
-    if len >= 8 {
-        crate::io::Storage::read_at(&src, &mut sig, 0)
-            .map_err(|e| crate::error::Error::io(path, "reading the signature", e))?;
-    }
-    drop(src);
-    if &sig == crate::format::vhdx::FILE_SIGNATURE {
-        Ok(Box::new(vhdx::VhdxDisk::open(path, writable)?))
-    } else {
-        Ok(Box::new(vhd::VhdDisk::open(path, writable)?))
-    }
+    let io = crate::io::FileStorage::open(path, writable)?;
+    open_layer_with(path, Box::new(io), writable)
 }
 
 /// Refuses a write to a layer opened read-only or found damaged (a

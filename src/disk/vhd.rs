@@ -26,10 +26,6 @@ pub struct VhdDisk {
     bitmap_cache: Mutex<Option<(u64, Vec<u8>)>>,
 }
 
-fn corrupt(path: &Path, what: &'static str, off: u64, detail: impl Into<String>) -> Error {
-    Error::corrupt(path, what, off, detail)
-}
-
 impl VhdDisk {
     pub fn open(path: &Path, writable: bool) -> Result<VhdDisk> {
         Self::open_with(path, Box::new(FileStorage::open(path, writable)?), writable)
@@ -57,7 +53,7 @@ impl VhdDisk {
         match disk.footer.disk_type {
             fv::TYPE_FIXED => {
                 if size > footer_offset {
-                    return Err(corrupt(
+                    return Err(Error::corrupt(
                         path,
                         "footer",
                         footer_offset,
@@ -77,7 +73,7 @@ impl VhdDisk {
             }
         }
         if size % SECTOR != 0 || size / SECTOR > fv::MAX_SECTORS {
-            return Err(corrupt(
+            return Err(Error::corrupt(
                 path,
                 "footer",
                 footer_offset,
@@ -91,7 +87,7 @@ impl VhdDisk {
         let path = self.src.path.clone();
         let off = self.footer.data_offset;
         if off < 512 || off.checked_add(1024).is_none_or(|e| e > self.footer_offset) {
-            return Err(corrupt(
+            return Err(Error::corrupt(
                 &path,
                 "footer",
                 self.footer_offset,
@@ -101,14 +97,15 @@ impl VhdDisk {
         let raw = self
             .src
             .read_vec(fv::HEADER_SIZE, off, "the dynamic header")?;
-        let h = DynHeader::decode(&raw).map_err(|e| corrupt(&path, "dynamic header", off, e))?;
+        let h =
+            DynHeader::decode(&raw).map_err(|e| Error::corrupt(&path, "dynamic header", off, e))?;
         if !DynHeader::checksum_ok(&raw) {
             self.warnings
                 .push(format!("dynamic header at {off:#x} has a wrong checksum"));
         }
         let bs = u64::from(h.block_size);
         if bs < SECTOR || !bs.is_power_of_two() || bs > 256 << 20 {
-            return Err(corrupt(
+            return Err(Error::corrupt(
                 &path,
                 "dynamic header",
                 off + 32,
@@ -117,7 +114,7 @@ impl VhdDisk {
         }
         let entries = u64::from(h.max_table_entries);
         if entries * bs < self.size {
-            return Err(corrupt(
+            return Err(Error::corrupt(
                 &path,
                 "dynamic header",
                 off + 28,
@@ -132,7 +129,7 @@ impl VhdDisk {
             .checked_add(needed * 4)
             .is_none_or(|e| e > self.footer_offset)
         {
-            return Err(corrupt(
+            return Err(Error::corrupt(
                 &path,
                 "dynamic header",
                 off + 16,
@@ -159,7 +156,7 @@ impl VhdDisk {
             // The last block may be cut where the disk ends.
             let used = h.bitmap_bytes() + bs.min(self.size - i as u64 * bs);
             if at < off + 1024 || at + used > self.footer_offset {
-                return Err(corrupt(
+                return Err(Error::corrupt(
                     &path,
                     "BAT entry",
                     h.table_offset + 4 * i as u64,
@@ -174,7 +171,7 @@ impl VhdDisk {
         for w in spans.windows(2) {
             let end = w[0].0 + h.bitmap_bytes() + bs.min(self.size - w[0].1 as u64 * bs);
             if end > w[1].0 {
-                return Err(corrupt(
+                return Err(Error::corrupt(
                     &path,
                     "BAT entry",
                     h.table_offset + 4 * w[1].1 as u64,
@@ -190,7 +187,7 @@ impl VhdDisk {
             && first < h.table_offset + needed * 4
             && first + block_bytes > h.table_offset
         {
-            return Err(corrupt(
+            return Err(Error::corrupt(
                 &path,
                 "BAT entry",
                 h.table_offset + 4 * i as u64,
@@ -344,7 +341,7 @@ impl VhdDisk {
 fn read_footer(src: &Src, len: u64, warnings: &mut Vec<String>) -> Result<(Footer, u64)> {
     let path = &src.path;
     if len < 512 {
-        return Err(corrupt(
+        return Err(Error::corrupt(
             path,
             "footer",
             0,
@@ -368,16 +365,16 @@ fn read_footer(src: &Src, len: u64, warnings: &mut Vec<String>) -> Result<(Foote
         None => {
             let head = src.read_vec(512, 0, "the footer copy")?;
             if &head[..8] != fv::COOKIE {
-                return Err(corrupt(
+                return Err(Error::corrupt(
                     path,
                     "footer",
                     len - 512,
                     "no 'conectix' cookie at the end of the file or at offset 0: not a VHD file",
                 ));
             }
-            let f = Footer::decode(&head).map_err(|e| corrupt(path, "footer", 0, e))?;
+            let f = Footer::decode(&head).map_err(|e| Error::corrupt(path, "footer", 0, e))?;
             if f.disk_type == fv::TYPE_FIXED {
-                return Err(corrupt(
+                return Err(Error::corrupt(
                     path,
                     "footer",
                     len - 512,
@@ -392,7 +389,7 @@ fn read_footer(src: &Src, len: u64, warnings: &mut Vec<String>) -> Result<(Foote
             return Ok((f, len - 512));
         }
     };
-    let f = Footer::decode(&raw).map_err(|e| corrupt(path, "footer", at, e))?;
+    let f = Footer::decode(&raw).map_err(|e| Error::corrupt(path, "footer", at, e))?;
     if !Footer::checksum_ok(&raw) {
         warnings.push(format!(
             "footer at {at:#x} has a wrong checksum (stored {:#010x}, computed {:#010x})",

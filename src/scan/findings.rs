@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::forest::{Forest, LinkStatus, ParentLink, stat};
 use super::{FileReport, Finding, JournalReport, Severity, quote};
-use crate::error::Error;
+use crate::error::{Error, list};
 use crate::verify::check::Status;
 
 /// A parent written this much later than its child is taken as written
@@ -322,17 +322,6 @@ fn link_finding(
         message,
         commands,
     ))
-}
-
-fn list(paths: &[std::path::PathBuf]) -> String {
-    if paths.is_empty() {
-        return "(no locator entries)".into();
-    }
-    paths
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Files whose size or modification time changed while the scan ran.

@@ -1,6 +1,6 @@
 //! Opening a VHDX file: headers, the log, the region table and the
 //! metadata items, each checked against the spec and the file's size
-//! before anything is trusted. Used by `vhdx.rs`.
+//! before anything is trusted. Used by `VhdxDisk::open_with`.
 
 use std::path::Path;
 
@@ -16,10 +16,6 @@ use crate::io::Src;
 
 const MAX_TB: u64 = 64 << 40;
 
-fn corrupt(path: &Path, what: &'static str, off: u64, detail: impl Into<String>) -> Error {
-    Error::corrupt(path, what, off, detail)
-}
-
 pub(super) struct Meta {
     pub(super) entries: Vec<MetadataEntry>,
     pub(super) params: FileParameters,
@@ -30,7 +26,7 @@ pub(super) struct Meta {
     pub(super) locator: Option<ParentLocator>,
 }
 
-pub(super) fn read_headers(src: &Src) -> Result<(Header, usize, Vec<String>)> {
+pub(crate) fn read_headers(src: &Src) -> Result<(Header, usize, Vec<String>)> {
     let mut slots = [
         Err(header::HeaderFault::Signature),
         Err(header::HeaderFault::Signature),
@@ -56,7 +52,12 @@ pub(super) fn read_headers(src: &Src) -> Result<(Header, usize, Vec<String>)> {
                 "both headers are valid with the same sequence number but different contents".into()
             }
         };
-        return Err(corrupt(&src.path, "headers", HEADER_OFFSETS[0], detail));
+        return Err(Error::corrupt(
+            &src.path,
+            "headers",
+            HEADER_OFFSETS[0],
+            detail,
+        ));
     };
     // A torn update of the non-current header is normal after a crash.
     if warnings.len() == 1 {
@@ -76,7 +77,7 @@ pub(super) fn check_header(path: &Path, h: &Header, file_len: u64) -> Result<()>
         ));
     }
     if !h.log_offset.is_multiple_of(MIB) || u64::from(h.log_length) % MIB != 0 {
-        return Err(corrupt(
+        return Err(Error::corrupt(
             path,
             "header",
             at,
@@ -100,7 +101,7 @@ pub(super) fn check_header(path: &Path, h: &Header, file_len: u64) -> Result<()>
                 .checked_add(u64::from(h.log_length))
                 .is_none_or(|e| e > file_len)
         {
-            return Err(corrupt(
+            return Err(Error::corrupt(
                 path,
                 "header",
                 at,
@@ -126,7 +127,7 @@ pub(super) fn find_log(src: &Src, h: &Header, file_len: u64) -> Result<Vec<vlog:
     };
     let head = entries.last().expect("active sequences are non-empty");
     if file_len < head.flushed_file_offset {
-        return Err(corrupt(
+        return Err(Error::corrupt(
             &src.path,
             "log",
             h.log_offset.saturating_add(head.position),
@@ -178,7 +179,7 @@ pub(super) fn read_regions(src: &Src, warnings: &mut Vec<String>) -> Result<Regi
         }
     }
     if tables.is_empty() {
-        return Err(corrupt(
+        return Err(Error::corrupt(
             &src.path,
             "region table",
             REGION_OFFSETS[0],
@@ -195,7 +196,7 @@ pub(super) fn check_region(path: &Path, r: &RegionEntry, file_len: u64) -> Resul
         || u64::from(r.length) % MIB != 0
         || r.length == 0
     {
-        return Err(corrupt(
+        return Err(Error::corrupt(
             path,
             "region table",
             REGION_OFFSETS[0],
@@ -209,7 +210,7 @@ pub(super) fn check_region(path: &Path, r: &RegionEntry, file_len: u64) -> Resul
         .checked_add(u64::from(r.length))
         .is_none_or(|e| e > file_len)
     {
-        return Err(corrupt(
+        return Err(Error::corrupt(
             path,
             "region table",
             REGION_OFFSETS[0],
@@ -227,7 +228,8 @@ pub(super) fn read_metadata(src: &Src, region: &RegionEntry) -> Result<Meta> {
     let base = region.file_offset;
     let rlen = u64::from(region.length);
     let table = src.read_vec(64 * 1024, base, "the metadata table")?;
-    let entries = md::decode_table(&table).map_err(|e| corrupt(path, "metadata table", base, e))?;
+    let entries =
+        md::decode_table(&table).map_err(|e| Error::corrupt(path, "metadata table", base, e))?;
     let mut spans = Vec::new();
     for e in &entries {
         if e.length == 0 {
@@ -237,7 +239,7 @@ pub(super) fn read_metadata(src: &Src, region: &RegionEntry) -> Result<Meta> {
             || u64::from(e.offset) + u64::from(e.length) > rlen
             || e.length > 1 << 20
         {
-            return Err(corrupt(
+            return Err(Error::corrupt(
                 path,
                 "metadata table",
                 base,
@@ -261,14 +263,19 @@ pub(super) fn read_metadata(src: &Src, region: &RegionEntry) -> Result<Meta> {
         .windows(2)
         .any(|w| u64::from(w[0].0) + u64::from(w[0].1) > u64::from(w[1].0))
     {
-        return Err(corrupt(path, "metadata table", base, "items overlap"));
+        return Err(Error::corrupt(
+            path,
+            "metadata table",
+            base,
+            "items overlap",
+        ));
     }
     let item = |g: Uuid, min: usize| -> Result<Option<Vec<u8>>> {
         let Some(e) = entries.iter().find(|e| e.item == g && !e.is_user()) else {
             return Ok(None);
         };
         if (e.length as usize) < min {
-            return Err(corrupt(
+            return Err(Error::corrupt(
                 path,
                 "metadata item",
                 base + u64::from(e.offset),
@@ -286,7 +293,7 @@ pub(super) fn read_metadata(src: &Src, region: &RegionEntry) -> Result<Meta> {
     };
     let need = |g: Uuid, name: &str, min: usize| -> Result<Vec<u8>> {
         item(g, min)?.ok_or_else(|| {
-            corrupt(
+            Error::corrupt(
                 path,
                 "metadata table",
                 base,
@@ -315,7 +322,7 @@ pub(super) fn read_metadata(src: &Src, region: &RegionEntry) -> Result<Meta> {
             .map_or(0, |e| u64::from(e.offset))
     };
     if !bs.is_power_of_two() || !(1 << 20..=256 << 20).contains(&bs) {
-        return Err(corrupt(
+        return Err(Error::corrupt(
             path,
             "File Parameters",
             at(md::FILE_PARAMETERS),
@@ -323,7 +330,7 @@ pub(super) fn read_metadata(src: &Src, region: &RegionEntry) -> Result<Meta> {
         ));
     }
     if logical_sector != 512 && logical_sector != 4096 {
-        return Err(corrupt(
+        return Err(Error::corrupt(
             path,
             "Logical Sector Size",
             at(md::LOGICAL_SECTOR_SIZE),
@@ -331,7 +338,7 @@ pub(super) fn read_metadata(src: &Src, region: &RegionEntry) -> Result<Meta> {
         ));
     }
     if physical_sector != 512 && physical_sector != 4096 {
-        return Err(corrupt(
+        return Err(Error::corrupt(
             path,
             "Physical Sector Size",
             at(md::PHYSICAL_SECTOR_SIZE),
@@ -339,7 +346,7 @@ pub(super) fn read_metadata(src: &Src, region: &RegionEntry) -> Result<Meta> {
         ));
     }
     if virtual_size == 0 || virtual_size > MAX_TB || !virtual_size.is_multiple_of(logical_sector) {
-        return Err(corrupt(
+        return Err(Error::corrupt(
             path,
             "Virtual Disk Size",
             at(md::VIRTUAL_DISK_SIZE),
@@ -349,12 +356,12 @@ pub(super) fn read_metadata(src: &Src, region: &RegionEntry) -> Result<Meta> {
     let locator = match item(md::PARENT_LOCATOR, 20)? {
         Some(b) => Some(
             ParentLocator::decode(&b)
-                .map_err(|e| corrupt(path, "parent locator", at(md::PARENT_LOCATOR), e))?,
+                .map_err(|e| Error::corrupt(path, "parent locator", at(md::PARENT_LOCATOR), e))?,
         ),
         None => None,
     };
     if params.has_parent && locator.is_none() {
-        return Err(corrupt(
+        return Err(Error::corrupt(
             path,
             "File Parameters",
             at(md::FILE_PARAMETERS),

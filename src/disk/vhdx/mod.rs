@@ -8,9 +8,6 @@ use std::sync::Mutex;
 
 use uuid::Uuid;
 
-use super::vhdx_open::{
-    check_header, check_region, find_log, read_headers, read_metadata, read_regions, replay_on_disk,
-};
 use super::{Extent, Format, Identity, Kind, Layer, LayerInfo, ParentRef};
 use crate::error::{Error, Result};
 use crate::format::vhdx::bat::{self, Geometry};
@@ -20,7 +17,10 @@ use crate::format::vhdx::metadata::{self as md, FileParameters, MetadataEntry, P
 use crate::format::vhdx::region::{self, RegionEntry, RegionTable};
 use crate::format::vhdx::{self as fx, HEADER_OFFSETS, MIB, REGION_OFFSETS};
 use crate::io::{FileStorage, Overlay, Src, Storage};
+pub(crate) use open::read_headers;
+use open::{check_header, check_region, find_log, read_metadata, read_regions, replay_on_disk};
 
+mod open;
 mod write;
 
 /// How the log looked at open.
@@ -82,10 +82,6 @@ pub struct VhdxDisk {
     next_data_write_guid: Option<Uuid>,
 }
 
-fn corrupt(path: &Path, what: &'static str, off: u64, detail: impl Into<String>) -> Error {
-    Error::corrupt(path, what, off, detail)
-}
-
 impl VhdxDisk {
     pub fn open(path: &Path, writable: bool) -> Result<VhdxDisk> {
         Self::open_with(path, Box::new(FileStorage::open(path, writable)?), writable)
@@ -106,7 +102,7 @@ impl VhdxDisk {
         if peek.len()? >= 1 << 20 {
             let (h, _, _) = read_headers(&peek)?;
             if h.sequence > u64::MAX - (1 << 32) {
-                return Err(corrupt(
+                return Err(Error::corrupt(
                     path,
                     "header",
                     HEADER_OFFSETS[0],
@@ -130,7 +126,7 @@ impl VhdxDisk {
         let mut src = Src::new(path, io);
         let file_len = src.len()?;
         if file_len < 1 << 20 {
-            return Err(corrupt(
+            return Err(Error::corrupt(
                 path,
                 "VHDX file",
                 0,
@@ -139,7 +135,7 @@ impl VhdxDisk {
         }
         let id = src.read_vec(64 * 1024, 0, "the file type identifier")?;
         if &id[..8] != fx::FILE_SIGNATURE {
-            return Err(corrupt(
+            return Err(Error::corrupt(
                 path,
                 "file type identifier",
                 0,
@@ -179,15 +175,14 @@ impl VhdxDisk {
         let file_len = src.len()?;
 
         let regions = read_regions(&src, &mut warnings)?;
-        let bat_region = regions
-            .find(region::BAT_GUID)
-            .cloned()
-            .ok_or_else(|| corrupt(path, "region table", REGION_OFFSETS[0], "no BAT region"))?;
+        let bat_region = regions.find(region::BAT_GUID).cloned().ok_or_else(|| {
+            Error::corrupt(path, "region table", REGION_OFFSETS[0], "no BAT region")
+        })?;
         let meta_region = regions
             .find(region::METADATA_GUID)
             .cloned()
             .ok_or_else(|| {
-                corrupt(
+                Error::corrupt(
                     path,
                     "region table",
                     REGION_OFFSETS[0],
@@ -269,7 +264,7 @@ impl VhdxDisk {
         let n = self.geo.entries(self.params.has_parent);
         let need = n * 8;
         if need > u64::from(self.bat_region.length) {
-            return Err(corrupt(
+            return Err(Error::corrupt(
                 path,
                 "BAT region",
                 self.bat_region.file_offset,
@@ -323,7 +318,7 @@ impl VhdxDisk {
                     bat::SB_NOT_PRESENT => (false, MIB, "sector bitmap"),
                     bat::SB_PRESENT if self.params.has_parent => (true, MIB, "sector bitmap"),
                     _ => {
-                        return Err(corrupt(
+                        return Err(Error::corrupt(
                             path,
                             "BAT entry",
                             at,
@@ -338,7 +333,7 @@ impl VhdxDisk {
                     bat::PAYLOAD_PARTIALLY_PRESENT if self.params.has_parent => {
                         let sb = self.bat[self.geo.sb_index(i / (cr + 1) * cr) as usize];
                         if bat::state(sb) != bat::SB_PRESENT {
-                            return Err(corrupt(
+                            return Err(Error::corrupt(
                                 path,
                                 "BAT entry",
                                 at,
@@ -350,7 +345,7 @@ impl VhdxDisk {
                         (true, self.geo.block_size, "payload block")
                     }
                     _ => {
-                        return Err(corrupt(
+                        return Err(Error::corrupt(
                             path,
                             "BAT entry",
                             at,
@@ -367,7 +362,7 @@ impl VhdxDisk {
             }
             let off = bat::offset(e);
             if off < MIB {
-                return Err(corrupt(
+                return Err(Error::corrupt(
                     path,
                     "BAT entry",
                     at,
@@ -377,7 +372,7 @@ impl VhdxDisk {
             // A partial last block may end past EOF only by its unused part.
             let block = i - i / (cr + 1);
             if !is_sb && block >= self.geo.payload_blocks() {
-                return Err(corrupt(
+                return Err(Error::corrupt(
                     path,
                     "BAT entry",
                     at,
@@ -390,7 +385,7 @@ impl VhdxDisk {
                 len.min(self.virtual_size - block * self.geo.block_size)
             };
             if off.checked_add(used).is_none_or(|end| end > self.file_len) {
-                return Err(corrupt(
+                return Err(Error::corrupt(
                     path,
                     "BAT entry",
                     at,
@@ -405,7 +400,7 @@ impl VhdxDisk {
         spans.sort();
         for w in spans.windows(2) {
             if w[0].0.saturating_add(w[0].1) > w[1].0 {
-                return Err(corrupt(
+                return Err(Error::corrupt(
                     path,
                     "file layout",
                     w[1].0,
