@@ -60,8 +60,55 @@ pub enum Error {
     #[error("paused at {percent:.1} % — `vhdmerge recover {}` continues, `--rollback` undoes", ancestor.display())]
     Paused { ancestor: PathBuf, percent: f64 },
 
-    #[error("{0}")]
-    Invalid(String),
+    #[error("{}: neither a VHDX (no file signature) nor a VHD (no 'conectix' footer at the end or at offset 0): not a disk image", path.display())]
+    NotADiskImage { path: PathBuf },
+
+    #[error("{}: not a differencing disk{}", path.display(), if *merging { "; there is nothing to merge" } else { "" })]
+    NotDifferencing { path: PathBuf, merging: bool },
+
+    #[error("{}: write of {len} bytes at {offset} {rule}", path.display())]
+    BadWrite {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        rule: String,
+    },
+
+    #[error("{}: not a regular file; vhdmerge only opens regular files", path.display())]
+    NotARegularFile { path: PathBuf },
+
+    /// A worker thread of the merge ended; the error it met is reported
+    /// instead (this one is never shown).
+    #[error("the merge's {0} thread stopped")]
+    Stopped(&'static str),
+
+    #[error("{}: {} is not an ancestor of this disk; its chain is: {chain}", child.display(), named.display())]
+    NotAnAncestor {
+        child: PathBuf,
+        named: PathBuf,
+        chain: String,
+    },
+
+    #[error("{}: cannot create: {detail}", path.display())]
+    CannotCreate { path: PathBuf, detail: String },
+
+    #[error("{}: {op} of {len} bytes at {offset} passes the disk's end ({size})", path.display())]
+    OutOfRange {
+        path: PathBuf,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+
+    #[error("{}: not a vhdmerge manifest: {detail}", path.display())]
+    BadManifest { path: PathBuf, detail: String },
+
+    #[error("{}: does not match the expected content", path.display())]
+    ContentMismatch { path: PathBuf },
+
+    #[error("{}: not a folder; scan takes the folders that hold a VM's disks", path.display())]
+    NotAFolder { path: PathBuf },
 }
 
 /// Paths for a message, comma-separated.

@@ -77,10 +77,9 @@ impl FileStorage {
     pub fn open(path: &Path, writable: bool) -> Result<FileStorage> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "opening", e))?;
         if !meta.is_file() {
-            return Err(Error::Invalid(format!(
-                "{}: not a regular file; vhdmerge only opens regular files",
-                path.display()
-            )));
+            return Err(Error::NotARegularFile {
+                path: path.to_path_buf(),
+            });
         }
         let file = OpenOptions::new()
             .read(true)

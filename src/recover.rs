@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::failpoint::{Failpoint, failpoint};
 use crate::journal::{self, Begin, Record, Role, State, Writer};
 use crate::merge::{self, MergeOptions, preflight};
 use crate::transaction::{self, mark_rollback, redo, restore, rollback_all};
@@ -259,7 +260,7 @@ fn resume(
     };
     restore(begin, &tx.files, &records[at + 1..], &cp.lengths)?;
     tx.locks.refresh()?;
-    merge::failpoint("after-partial-undo");
+    failpoint(Failpoint::AfterPartialUndo);
     // Runs before the checkpoint, for the final verification (a run an
     // abandoned attempt copied after it is copied again).
     let mut before: BTreeMap<u64, (u64, u64, [u8; 32])> = BTreeMap::new();

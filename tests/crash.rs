@@ -11,6 +11,8 @@
 //! `VHDMERGE_CRASH_FULL=1` (see README) for the full suite (100,000+).
 
 mod common;
+
+use vhdmerge::failpoint::Failpoint as F;
 #[path = "crash/sim.rs"]
 mod sim;
 
@@ -796,7 +798,7 @@ fn regression_second_crash_during_rollback_tears_at_most_one_header() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
         .args(["--quiet", "merge"])
         .arg(work.path().join(name(&child)))
-        .env("VHDMERGE_FAIL_AT", "after-commit")
+        .env("VHDMERGE_FAIL_AT", F::AfterCommit.to_string())
         .output()
         .unwrap();
     assert!(!out.status.success());

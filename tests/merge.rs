@@ -3,6 +3,8 @@
 
 mod common;
 
+use vhdmerge::failpoint::Failpoint as F;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -446,17 +448,17 @@ fn interrupted_merges_recover_at_every_phase() {
         let finished_views = common::folder_views(clean.path());
         let base = if vhdx { "l0.vhdx" } else { "l0.vhd" };
         let phases = [
-            "after-begin",
-            "mid-apply",
-            "before-close",
-            "after-apply",
-            "mid-relink",
-            "after-commit",
-            "mid-cleanup",
+            F::AfterBegin,
+            F::MidApply,
+            F::BeforeClose,
+            F::AfterApply,
+            F::MidRelink,
+            F::AfterCommit,
+            F::MidCleanup,
         ];
-        let committed = ["after-commit", "mid-cleanup"];
+        let committed = [F::AfterCommit, F::MidCleanup];
         // After the last run's checkpoint: recover resumes there.
-        let checkpointed = ["after-apply", "mid-relink"];
+        let checkpointed = [F::AfterApply, F::MidRelink];
         let mut checked = 0;
         for phase in phases {
             for rollback in [false, true] {
@@ -469,7 +471,7 @@ fn interrupted_merges_recover_at_every_phase() {
                         "256K",
                         dir.path().join(&child_name).to_str().unwrap(),
                     ],
-                    &[seed[0], ("VHDMERGE_FAIL_AT", phase)],
+                    &[seed[0], ("VHDMERGE_FAIL_AT", &phase.to_string())],
                 );
                 assert!(
                     !o.status.success(),
@@ -482,7 +484,7 @@ fn interrupted_merges_recover_at_every_phase() {
                 }
                 let r = run_env(&args, &seed);
                 let after = folder_digests(dir.path());
-                if phase == "mid-cleanup" && rollback {
+                if phase == F::MidCleanup && rollback {
                     assert!(
                         !r.status.success(),
                         "rollback after cleanup began must be refused"
@@ -535,9 +537,9 @@ fn interrupted_merges_recover_at_every_phase() {
         }
         // A crash during recovery is recovered by the next run.
         for (merge_at, recover_at, rollback) in [
-            ("mid-apply", "mid-rollback", false),
-            ("after-commit", "recover-after-rollback-mark", true),
-            ("after-commit", "mid-rollback", true),
+            (F::MidApply, F::MidRollback, false),
+            (F::AfterCommit, F::RecoverAfterRollbackMark, true),
+            (F::AfterCommit, F::MidRollback, true),
         ] {
             let dir = tempfile::tempdir().unwrap();
             copy_dir(pristine.path(), dir.path());
@@ -549,13 +551,13 @@ fn interrupted_merges_recover_at_every_phase() {
                     "256K",
                     dir.path().join(&child_name).to_str().unwrap(),
                 ],
-                &[seed[0], ("VHDMERGE_FAIL_AT", merge_at)],
+                &[seed[0], ("VHDMERGE_FAIL_AT", &merge_at.to_string())],
             );
             let mut args = vec!["recover", b.to_str().unwrap()];
             if rollback {
                 args.push("--rollback");
             }
-            let r = run_env(&args, &[("VHDMERGE_FAIL_AT", recover_at)]);
+            let r = run_env(&args, &[("VHDMERGE_FAIL_AT", &recover_at.to_string())]);
             assert!(
                 !r.status.success(),
                 "recovery should have been interrupted at {recover_at}"
@@ -621,7 +623,10 @@ fn refusals_leave_every_byte_alone() {
     assert_eq!(folder_digests(dir.path()), before);
 
     // A pending journal from an interrupted merge.
-    let o = run_env(&["merge", &child], &[("VHDMERGE_FAIL_AT", "after-begin")]);
+    let o = run_env(
+        &["merge", &child],
+        &[("VHDMERGE_FAIL_AT", &F::AfterBegin.to_string())],
+    );
     assert!(!o.status.success());
     let before = folder_digests(dir.path());
     let o = vhdmerge(&["merge", &child]);

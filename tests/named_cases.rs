@@ -3,6 +3,8 @@
 
 mod common;
 
+use vhdmerge::failpoint::Failpoint as F;
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -192,7 +194,7 @@ fn a_journal_that_belongs_to_other_files() {
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
         .args(["--quiet", "merge"])
         .arg(&c)
-        .env("VHDMERGE_FAIL_AT", "after-begin")
+        .env("VHDMERGE_FAIL_AT", F::AfterBegin.to_string())
         .output()
         .unwrap();
     assert!(!o.status.success());
@@ -220,23 +222,23 @@ fn regression_rollback_interrupted_after_truncation() {
     let d = tempfile::tempdir().unwrap();
     let (b, c) = vhdx_chain(d.path());
     let start = folder_digests(d.path());
-    let run = |args: &[&str], fail: &str| {
+    let run = |args: &[&str], fail: F| {
         std::process::Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
             .arg("--quiet")
             .args(args)
-            .env("VHDMERGE_FAIL_AT", fail)
+            .env("VHDMERGE_FAIL_AT", fail.to_string())
             .output()
             .unwrap()
     };
     assert!(
-        !run(&["merge", c.to_str().unwrap()], "after-commit")
+        !run(&["merge", c.to_str().unwrap()], F::AfterCommit)
             .status
             .success()
     );
     assert!(
         !run(
             &["recover", "--rollback", b.to_str().unwrap()],
-            "recover-after-rollback-mark"
+            F::RecoverAfterRollbackMark
         )
         .status
         .success()
@@ -333,7 +335,7 @@ fn interfered(act: impl FnOnce(&Path, &Path, &[u8]), needle: &str) -> PathBuf {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
         .args(["--quiet", "merge", "--batch", "4K"])
         .arg(&c)
-        .env("VHDMERGE_PAUSE_AT", "mid-apply")
+        .env("VHDMERGE_PAUSE_AT", F::MidApply.to_string())
         .env("VHDMERGE_PAUSE_FILE", &flag)
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -449,7 +451,7 @@ fn interrupted_merge() -> (tempfile::TempDir, PathBuf) {
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
         .args(["--quiet", "merge", "--batch", "4K"])
         .arg(&c)
-        .env("VHDMERGE_FAIL_AT", "mid-apply")
+        .env("VHDMERGE_FAIL_AT", F::MidApply.to_string())
         .output()
         .unwrap();
     assert!(!o.status.success());

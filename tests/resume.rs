@@ -4,6 +4,8 @@
 
 mod common;
 
+use vhdmerge::failpoint::Failpoint as F;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -67,11 +69,11 @@ const MERGE: [&str; 6] = [
 ];
 
 /// Starts the merge of `c` so that it waits at `at` while `flag` exists.
-fn merge_paused_at(c: &Path, at: &str, flag: &Path) -> std::process::Child {
+fn merge_paused_at(c: &Path, at: F, flag: &Path) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
         .args(MERGE)
         .arg(c)
-        .env("VHDMERGE_PAUSE_AT", at)
+        .env("VHDMERGE_PAUSE_AT", at.to_string())
         .env("VHDMERGE_PAUSE_FILE", flag)
         .stderr(Stdio::piped())
         .spawn()
@@ -107,7 +109,7 @@ fn a_signal_pauses_at_a_checkpoint_and_recover_continues() {
         let (b, c) = chain(d.path(), vhdx);
         let want = common::digest_of(&c);
         let flag = d.path().join("paused");
-        let child = merge_paused_at(&c, "after-batch-2", &flag);
+        let child = merge_paused_at(&c, F::AfterBatch(2), &flag);
         wait_for(&flag);
         signal(child.id(), libc::SIGINT);
         std::fs::remove_file(&flag).unwrap();
@@ -156,7 +158,7 @@ fn a_second_signal_stops_at_once() {
     let (b, c) = chain(d.path(), true);
     let want = common::digest_of(&c);
     let flag = d.path().join("paused");
-    let mut child = merge_paused_at(&c, "after-batch-3", &flag);
+    let mut child = merge_paused_at(&c, F::AfterBatch(3), &flag);
     wait_for(&flag);
     signal(child.id(), libc::SIGTERM);
     // Apart, or the kernel folds the two into one pending signal.
@@ -182,7 +184,7 @@ fn a_resume_whose_sources_changed_rolls_back() {
     let o = Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
         .args(MERGE)
         .arg(&c)
-        .env("VHDMERGE_FAIL_AT", "after-batch-4")
+        .env("VHDMERGE_FAIL_AT", F::AfterBatch(4).to_string())
         .output()
         .unwrap();
     assert!(!o.status.success());

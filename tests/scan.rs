@@ -5,6 +5,8 @@
 
 mod common;
 
+use vhdmerge::failpoint::Failpoint as F;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -478,7 +480,7 @@ fn an_interrupted_merge_is_pending_and_recover_comes_first() {
     let o = Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
         .args(["--quiet", "merge", "--checkpoint-every", "256K"])
         .arg(d.join("cur.avhdx"))
-        .env("VHDMERGE_FAIL_AT", "mid-apply")
+        .env("VHDMERGE_FAIL_AT", F::MidApply.to_string())
         .output()
         .unwrap();
     assert!(!o.status.success());

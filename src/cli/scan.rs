@@ -5,11 +5,24 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use vhdmerge::scan::{FileReport, Finding, Report, Severity, Step};
+use vhdmerge::scan::{self as lib, FileReport, Finding, Report, ScanOptions, Severity, Step};
 
-use super::iec;
+use super::{Exit, iec, print_json};
 
-pub fn render(r: &Report) -> String {
+/// Exit 0 when no finding is an error, 2 when one is.
+pub fn cmd_scan(dirs: &[PathBuf], opts: &ScanOptions, json: bool) -> Exit {
+    let r = lib::scan(dirs, opts)?;
+    match json {
+        true => print_json(&r),
+        false => out!("{}", render(&r).trim_end()),
+    }
+    Ok(match r.worst() {
+        Some(Severity::Error) => 2,
+        _ => 0,
+    })
+}
+
+fn render(r: &Report) -> String {
     let mut s = String::new();
     let by_path: HashMap<&Path, &FileReport> =
         r.files.iter().map(|f| (f.path.as_path(), f)).collect();

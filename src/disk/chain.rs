@@ -123,11 +123,13 @@ impl Chain {
     pub fn read_from(&self, level: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = offset + buf.len() as u64;
         if end > self.virtual_size() {
-            return Err(Error::Invalid(format!(
-                "read of {} bytes at {offset} passes the disk's end ({})",
-                buf.len(),
-                self.virtual_size()
-            )));
+            return Err(Error::OutOfRange {
+                path: self.top().path().to_path_buf(),
+                op: "read",
+                offset,
+                len: buf.len() as u64,
+                size: self.virtual_size(),
+            });
         }
         let mut pos = offset;
         while pos < end {
@@ -150,11 +152,13 @@ impl Chain {
         let start = offset / ls * ls;
         let end = (offset + data.len() as u64).next_multiple_of(ls);
         if end > self.virtual_size() {
-            return Err(Error::Invalid(format!(
-                "write of {} bytes at {offset} passes the disk's end ({})",
-                data.len(),
-                self.virtual_size()
-            )));
+            return Err(Error::OutOfRange {
+                path: self.top().path().to_path_buf(),
+                op: "write",
+                offset,
+                len: data.len() as u64,
+                size: self.virtual_size(),
+            });
         }
         if start == offset && end == offset + data.len() as u64 {
             return self.layers[0].write(offset, data);

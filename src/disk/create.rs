@@ -2,13 +2,13 @@
 //! children of either. New files are written completely, flushed, and only
 //! then given their final name, so a crash never leaves a half-made disk.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
 use super::vhd::VhdDisk;
 use super::vhdx::VhdxDisk;
-use super::{Kind, Layer};
+use super::{Format, Kind, Layer};
 use crate::error::{Error, Result};
 use crate::format::vhd::{self as fv, DynHeader, Footer, Locator};
 use crate::format::vhdx::bat::{self, Geometry};
@@ -56,8 +56,88 @@ impl Default for VhdOptions {
     }
 }
 
-fn invalid(path: &Path, what: String) -> Error {
-    Error::Invalid(format!("{}: cannot create: {what}", path.display()))
+/// What `vhdmerge create` makes: a dynamic or fixed disk of `size`, or a
+/// differencing child of `parent`. The defaults are the ones Hyper-V
+/// uses (see `VhdxOptions` and `VhdOptions`).
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// The virtual size; a child takes its parent's.
+    pub size: Option<u64>,
+    /// By default from the file name: `.vhd` and `.avhd` make a VHD,
+    /// anything else a VHDX.
+    pub format: Option<Format>,
+    pub block_size: Option<u64>,
+    pub logical_sector: u64,
+    pub physical_sector: u64,
+    pub fixed: bool,
+    pub parent: Option<PathBuf>,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        let v = VhdxOptions::default();
+        CreateOptions {
+            size: None,
+            format: None,
+            block_size: None,
+            logical_sector: v.logical_sector,
+            physical_sector: v.physical_sector,
+            fixed: false,
+            parent: None,
+        }
+    }
+}
+
+/// The format a new file of this name gets when none is asked for.
+pub fn format_for_name(path: &Path) -> Format {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "vhd" | "avhd" => Format::Vhd,
+        _ => Format::Vhdx,
+    }
+}
+
+/// Creates the disk `o` describes.
+pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
+    if let Some(parent) = &o.parent {
+        return create_child(path, parent, o.block_size);
+    }
+    let size = o.size.ok_or_else(|| {
+        invalid(
+            path,
+            "a size is needed (or a parent, for a differencing child)".into(),
+        )
+    })?;
+    match o.format.unwrap_or_else(|| format_for_name(path)) {
+        Format::Vhd => create_vhd(
+            path,
+            &VhdOptions {
+                size,
+                block_size: o.block_size.unwrap_or(VhdOptions::default().block_size),
+                fixed: o.fixed,
+            },
+        ),
+        _ => create_vhdx(
+            path,
+            &VhdxOptions {
+                virtual_size: size,
+                block_size: o.block_size.unwrap_or(VhdxOptions::default().block_size),
+                logical_sector: o.logical_sector,
+                physical_sector: o.physical_sector,
+                fixed: o.fixed,
+            },
+        ),
+    }
+}
+
+fn invalid(path: &Path, detail: String) -> Error {
+    Error::CannotCreate {
+        path: path.to_path_buf(),
+        detail,
+    }
 }
 
 /// Writes a new file at a temporary name beside `path`, flushes it, and

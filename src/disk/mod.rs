@@ -227,6 +227,15 @@ pub fn open_layer(path: &Path, writable: bool) -> Result<Box<dyn Layer>> {
     open_layer_with(path, Box::new(io), writable)
 }
 
+/// Opens `path`'s chain, or the file alone as a raw disk when its content
+/// is neither VHD nor VHDX (`hash` and `verify` accept raw exports).
+pub fn open_any(path: &Path, opts: &ChainOptions) -> Result<Chain> {
+    match sniff(path)? {
+        None => Ok(Chain::single(Box::new(raw::RawDisk::open(path)?))),
+        Some(_) => Chain::open(path, opts),
+    }
+}
+
 /// Refuses a write to a layer opened read-only or found damaged (a
 /// checksum that did not match, say): writing would spread the damage.
 fn refuse_write(path: &Path, writable: bool, warnings: &[String]) -> Result<()> {

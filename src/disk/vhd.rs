@@ -292,8 +292,9 @@ impl VhdDisk {
     ) -> Result<()> {
         self.refuse_if_damaged()?;
         let path = self.src.path.clone();
-        let mut h = self.header.clone().ok_or_else(|| {
-            Error::Invalid(format!("{}: not a differencing disk", path.display()))
+        let mut h = self.header.clone().ok_or_else(|| Error::NotDifferencing {
+            path: path.clone(),
+            merging: false,
         })?;
         for l in h.locators.iter_mut() {
             let text = match &l.code {
@@ -365,12 +366,9 @@ fn read_footer(src: &Src, len: u64, warnings: &mut Vec<String>) -> Result<(Foote
         None => {
             let head = src.read_vec(512, 0, "the footer copy")?;
             if &head[..8] != fv::COOKIE {
-                return Err(Error::corrupt(
-                    path,
-                    "footer",
-                    len - 512,
-                    "no 'conectix' cookie at the end of the file or at offset 0: not a VHD file",
-                ));
+                return Err(Error::NotADiskImage {
+                    path: path.to_path_buf(),
+                });
             }
             let f = Footer::decode(&head).map_err(|e| Error::corrupt(path, "footer", 0, e))?;
             if f.disk_type == fv::TYPE_FIXED {
@@ -479,11 +477,12 @@ impl Layer for VhdDisk {
             || !(data.len() as u64).is_multiple_of(SECTOR)
             || offset + data.len() as u64 > self.size
         {
-            return Err(Error::Invalid(format!(
-                "{}: write of {} bytes at {offset} is not sector aligned or passes the disk's end",
-                self.src.path.display(),
-                data.len()
-            )));
+            return Err(Error::BadWrite {
+                path: self.src.path.clone(),
+                offset,
+                len: data.len() as u64,
+                rule: "is not sector aligned or passes the disk's end".into(),
+            });
         }
         if self.header.is_none() {
             return self.src.write(data, offset, "disk data");

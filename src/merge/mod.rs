@@ -21,6 +21,7 @@ use crate::disk::vhd::VhdDisk;
 use crate::disk::vhdx::VhdxDisk;
 use crate::disk::{Chain, ChainOptions, Extent, Format, Layer};
 use crate::error::{Error, Result};
+use crate::failpoint::{Failpoint, failpoint};
 use crate::io::FileStorage;
 use crate::journal::storage::Journaled;
 use crate::journal::{self, Begin, Record, Writer};
@@ -340,10 +341,10 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
         },
     )?;
     if chain.layers.len() < 2 {
-        return Err(Error::Invalid(format!(
-            "{}: not a differencing disk; there is nothing to merge",
-            child.display()
-        )));
+        return Err(Error::NotDifferencing {
+            path: child.to_path_buf(),
+            merging: true,
+        });
     }
     let ancestor = match &opts.into {
         None => 1,
@@ -354,18 +355,15 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
                 .iter()
                 .position(|l| canonical(l.path()) == want)
                 .filter(|&i| i > 0)
-                .ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "{}: {} is not an ancestor of this disk; its chain is: {}",
-                        child.display(),
-                        a.display(),
-                        chain
-                            .layers
-                            .iter()
-                            .map(|l| l.path().display().to_string())
-                            .collect::<Vec<_>>()
-                            .join(" -> ")
-                    ))
+                .ok_or_else(|| Error::NotAnAncestor {
+                    child: child.to_path_buf(),
+                    named: a.clone(),
+                    chain: chain
+                        .layers
+                        .iter()
+                        .map(|l| l.path().display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" -> "),
                 })?
         }
     };
@@ -461,8 +459,6 @@ pub fn open_journaled(
     })
 }
 
-pub use crate::failpoint::failpoint;
-
 /// A run copied into the ancestor: offset, length, BLAKE3 of its bytes.
 type Copied = (u64, u64, [u8; 32]);
 
@@ -498,7 +494,7 @@ pub fn execute(
         identities,
     };
     let tx = Transaction::begin(a_layer.path(), begin, plan_record, locks)?;
-    failpoint("after-begin");
+    failpoint(Failpoint::AfterBegin);
 
     let a = open_journaled(&tx.ancestor, 0, &tx.journal, format, new_guid)?;
     // From here the merge reads only the merged levels; the read-only
@@ -542,7 +538,7 @@ fn finish(
     for (child, index) in &tx.relinked {
         let a_identity = crate::disk::open_layer(ancestor, false)?.identity();
         relink_child(child, *index, &tx.journal, ancestor, &a_identity)?;
-        failpoint("mid-relink");
+        failpoint(Failpoint::MidRelink);
     }
     // Last look before the point of no return: the re-linked children were
     // written by us just now, the ancestor throughout.
@@ -550,7 +546,7 @@ fn finish(
     ours.extend(tx.relinked.iter().map(|(p, _)| p.as_path()));
     tx.locks.check_unchanged(&ours)?;
     tx.commit()?;
-    failpoint("after-commit");
+    failpoint(Failpoint::AfterCommit);
     let journal_bytes = tx
         .journal
         .lock()
@@ -718,12 +714,12 @@ impl Apply<'_> {
         drop(buffers);
         tx.locks.check_unchanged(&[tx.ancestor.as_path()])?;
         a.commit()?;
-        failpoint("before-close");
+        failpoint(Failpoint::BeforeClose);
         a.close()?;
         drop(a);
         // Every run is durable: a crash while re-linking resumes here.
         tx.append_checkpoint(self.chain.virtual_size(), done)?;
-        failpoint("after-apply");
+        failpoint(Failpoint::AfterApply);
         Ok(Applied { copied, deciles })
     }
 }
@@ -794,9 +790,9 @@ impl<'a> DurablePoints<'a> {
 /// after the Nth (a commit or a checkpoint).
 fn batch_failpoints(batches: u64) {
     if batches == 1 {
-        failpoint("mid-apply");
+        failpoint(Failpoint::MidApply);
     }
-    failpoint(&format!("after-batch-{batches}"));
+    failpoint(Failpoint::AfterBatch(batches));
 }
 
 fn percent(done: u64, total: u64) -> f64 {
@@ -948,9 +944,10 @@ pub fn relink_child(
             d.set_parent(*uid, &name, &rel)?;
             d.close()
         }
-        _ => Err(Error::Invalid(format!(
-            "{}: cannot re-link across formats",
-            child.display()
-        ))),
+        _ => Err(Error::ChainMismatch {
+            child: child.to_path_buf(),
+            parent: ancestor.to_path_buf(),
+            detail: "cannot re-link across formats".into(),
+        }),
     }
 }

@@ -123,8 +123,7 @@ pub(super) fn read_groups(
         if group_bytes >= GROUP_BYTES || group.len() >= 4096 {
             group_bytes = 0;
             let g = read_group(&chain.layers, std::mem::take(&mut group), buffers)?;
-            tx.send(Ok(g))
-                .map_err(|_| Error::Invalid("the merge stopped writing".into()))?;
+            tx.send(Ok(g)).map_err(|_| Error::Stopped("writer"))?;
         }
         Ok(())
     });

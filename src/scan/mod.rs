@@ -185,10 +185,7 @@ impl Report {
 pub fn scan(dirs: &[PathBuf], opts: &ScanOptions) -> Result<Report> {
     for d in dirs {
         if !d.is_dir() {
-            return Err(Error::Invalid(format!(
-                "{}: not a folder; scan takes the folders that hold a VM's disks",
-                d.display()
-            )));
+            return Err(Error::NotAFolder { path: d.clone() });
         }
     }
     let found = discover::walk(dirs, opts.recursive);

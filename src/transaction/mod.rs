@@ -16,11 +16,11 @@ use uuid::Uuid;
 
 use crate::disk::{Chain, Format, Layer};
 use crate::error::{Error, Result};
+use crate::failpoint::{Failpoint, failpoint};
 use crate::journal::{self, Begin, FileEntry, Record, Role, Writer};
 use crate::merge::preflight::{self, Dependent};
 use crate::paths::{canonical, folder_of};
 
-pub use crate::failpoint::failpoint;
 pub(crate) use redo::redo;
 pub(crate) use undo::{restore, rollback_all};
 
@@ -196,7 +196,7 @@ pub(crate) fn mark_rollback(writer: &Arc<Mutex<Writer>>) -> Result<()> {
         w.append(&Record::RollbackStarted);
         w.sync()?;
     }
-    failpoint("recover-after-rollback-mark");
+    failpoint(Failpoint::RecoverAfterRollbackMark);
     Ok(())
 }
 
@@ -213,7 +213,7 @@ pub fn cleanup(
         j.append(&Record::CleanupStarted);
         j.sync()?;
     }
-    failpoint("mid-cleanup");
+    failpoint(Failpoint::MidCleanup);
     remove_merged(merged, keep)?;
     journal::remove(jpath)
 }

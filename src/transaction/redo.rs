@@ -47,7 +47,12 @@ pub(crate) fn redo(
         let mut buf = vec![0u8; *length as usize];
         if let Some(fo) = source_offset {
             let src = sources.get(level).ok_or_else(|| {
-                Error::Invalid(format!("journal names no source for level {level}"))
+                Error::corrupt(
+                    a_path,
+                    "merge source",
+                    0,
+                    format!("the journal names no source file for level {level}"),
+                )
             })?;
             let l = open_layer(src, false)?;
             l.read_data(*fo, &mut buf)?;

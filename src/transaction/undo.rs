@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::io::{FileStorage, Storage};
 use crate::journal::{self, Begin, Record, Role};
 
-use super::failpoint;
+use crate::failpoint::{Failpoint, failpoint};
 
 /// The VHDX header section (file identifier, both headers, both region tables).
 const HEADER_SECTION: u64 = 1 << 20;
@@ -105,7 +105,7 @@ fn restore_file(p: &Path, list: &[(u64, &[u8])], length: u64) -> Result<()> {
     if !run.1.is_empty() {
         restore(run.0, &run.1)?;
     }
-    failpoint("mid-rollback");
+    failpoint(Failpoint::MidRollback);
     let len = io.len().map_err(|e| Error::io(p, "reading size", e))?;
     if len != length {
         io.set_len(length)

@@ -50,15 +50,18 @@ pub fn build(chain: &Chain, progress: &mut dyn FnMut(u64)) -> Result<Manifest> {
 pub fn load(path: &Path) -> Result<Manifest> {
     let text =
         std::fs::read_to_string(path).map_err(|e| Error::io(path, "reading the manifest", e))?;
-    let m: Manifest = serde_json::from_str(&text)
-        .map_err(|e| Error::Invalid(format!("{}: not a vhdmerge manifest: {e}", path.display())))?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| Error::BadManifest {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
     if m.format != FORMAT || m.chunk_size != CHUNK {
-        return Err(Error::Invalid(format!(
-            "{}: manifest format {} with chunk size {} is not {FORMAT} with {CHUNK}",
-            path.display(),
-            m.format,
-            m.chunk_size
-        )));
+        return Err(Error::BadManifest {
+            path: path.to_path_buf(),
+            detail: format!(
+                "format {} with chunk size {} is not {FORMAT} with {CHUNK}",
+                m.format, m.chunk_size
+            ),
+        });
     }
     Ok(m)
 }

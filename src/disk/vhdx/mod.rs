@@ -528,11 +528,12 @@ impl Layer for VhdxDisk {
             || !(data.len() as u64).is_multiple_of(ls)
             || offset + data.len() as u64 > self.virtual_size
         {
-            return Err(Error::Invalid(format!(
-                "{}: write of {} bytes at {offset} is not aligned to {ls}-byte sectors or passes the disk's end",
-                self.src.path.display(),
-                data.len()
-            )));
+            return Err(Error::BadWrite {
+                path: self.src.path.clone(),
+                offset,
+                len: data.len() as u64,
+                rule: format!("is not aligned to {ls}-byte sectors or passes the disk's end"),
+            });
         }
         self.start_session(true)?;
         self.change_data_guid()?;

@@ -4,6 +4,7 @@
 //! flush). Reading and validating live in the parent module.
 
 use super::*;
+use crate::failpoint::{Failpoint, failpoint};
 
 impl VhdxDisk {
     /// Begins a write session: new FileWriteGuid and a live LogGuid, and a
@@ -213,7 +214,7 @@ impl VhdxDisk {
             self.src.write(&entry, at, "a log entry")?;
             self.src.flush()?;
             // The entry is durable, the pages it describes are not yet applied.
-            crate::failpoint::failpoint("vhdx-log-written");
+            failpoint(Failpoint::VhdxLogWritten);
             for (o, p) in group {
                 self.src.write(p, *o, "a metadata page")?;
             }
@@ -226,10 +227,12 @@ impl VhdxDisk {
     /// differencing disk, hides the parent's data. Committed like any write.
     pub fn set_zero(&mut self, block: u64) -> Result<()> {
         if block >= self.geo.payload_blocks() {
-            return Err(Error::Invalid(format!(
-                "{}: block {block} is past the disk's end",
-                self.src.path.display()
-            )));
+            return Err(Error::BadWrite {
+                path: self.src.path.clone(),
+                offset: block * self.geo.block_size,
+                len: self.geo.block_size,
+                rule: format!("(zeroing block {block}) passes the disk's end"),
+            });
         }
         self.start_session(true)?;
         self.change_data_guid()?;
@@ -251,11 +254,9 @@ impl VhdxDisk {
             .meta_entries
             .iter()
             .position(|e| e.item == md::PARENT_LOCATOR && !e.is_user())
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "{}: no parent locator to replace",
-                    self.src.path.display()
-                ))
+            .ok_or_else(|| Error::NotDifferencing {
+                path: self.src.path.clone(),
+                merging: false,
             })?;
         // Place the new item after every existing item; the old one stays
         // until the table entry that points at it has been replaced.

@@ -1,0 +1,147 @@
+//! The commands that write: merge and recover.
+
+use std::path::Path;
+
+use vhdmerge::merge::{self, MergeOptions, Plan};
+use vhdmerge::recover::{self, Outcome, RecoverReport};
+
+use super::{Exit, bar, print_json, stop_on_signals};
+
+/// What `merge` shows besides doing it.
+pub struct Show {
+    pub dry_run: bool,
+    pub json: bool,
+    pub quiet: bool,
+}
+
+pub fn cmd_merge(child: &Path, mut opts: MergeOptions, show: Show) -> Exit {
+    opts.stop = Some(stop_on_signals());
+    let prepared = merge::prepare(child, &opts)?;
+    if show.dry_run {
+        match show.json {
+            true => print_json(&prepared.plan),
+            false => print_plan(&prepared.plan),
+        }
+        return Ok(0);
+    }
+    if opts.stop_requested() {
+        eprintln!("vhdmerge: interrupted before the merge began; nothing was written");
+        return Ok(130);
+    }
+    let pb = bar(show.quiet || show.json, prepared.plan.bytes, "merge");
+    let report = merge::execute(prepared, &opts, &mut |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    })?;
+    pb.finish_and_clear();
+    if show.json {
+        print_json(&report);
+        return Ok(0);
+    }
+    out!(
+        "merged {} bytes in {} runs into {} ({:.1} s, journal {} bytes)",
+        report.plan.bytes,
+        report.plan.runs,
+        report.plan.ancestor.display(),
+        report.seconds,
+        report.journal_bytes
+    );
+    for c in &report.plan.relink {
+        out!(
+            "re-linked {} to {}",
+            c.display(),
+            report.plan.ancestor.display()
+        );
+    }
+    match &report.result_digest {
+        Some(d) => out!("verified: content digest {d} equals the child's view before the merge"),
+        None => out!(
+            "verified: all {} copied runs read back from the ancestor with their BLAKE3",
+            report.runs_verified
+        ),
+    }
+    Ok(0)
+}
+
+fn print_plan(p: &Plan) {
+    out!("merge plan ({:?}):", p.format);
+    for m in &p.merged {
+        out!("  merge {}", m.display());
+    }
+    out!("  into  {}", p.ancestor.display());
+    for c in &p.relink {
+        out!("  re-link child {}", c.display());
+    }
+    for s in &p.siblings {
+        out!(
+            "  WARNING: sibling {} depends on the ancestor or an intermediate disk",
+            s.display()
+        );
+    }
+    out!(
+        "  {} runs, {} bytes to copy; {} bytes overwritten in place",
+        p.runs,
+        p.bytes,
+        p.overwrite_bytes
+    );
+    out!(
+        "  {} new blocks ({} bytes); journal about {} bytes at {}",
+        p.new_blocks,
+        p.new_bytes,
+        p.journal_estimate,
+        p.journal.display()
+    );
+    out!(
+        "  space needed {} bytes, free {} bytes",
+        p.space_needed,
+        p.free_space
+    );
+}
+
+pub fn cmd_recover(disk: &Path, rollback: bool, mut opts: MergeOptions, show: Show) -> Exit {
+    opts.stop = Some(stop_on_signals());
+    let pb = bar(show.quiet || show.json, 0, "resume");
+    let r = recover::recover_with(disk, rollback, &opts, &mut |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    })?;
+    pb.finish_and_clear();
+    match show.json {
+        true => print_json(&r),
+        false => print_recovery(disk, &r),
+    }
+    Ok(0)
+}
+
+fn print_recovery(disk: &Path, r: &RecoverReport) {
+    let what = match r.outcome {
+        Outcome::NothingToRecover => {
+            out!("{}: nothing to recover", disk.display());
+            return;
+        }
+        Outcome::Finished => "finished the merge",
+        Outcome::RolledBack => "rolled back to the state before the merge",
+    };
+    out!(
+        "{what} (journal said: {}; {} before-images; {} runs redone{})",
+        r.state,
+        r.before_images,
+        r.redone_runs,
+        if r.torn_tail {
+            "; torn tail ignored"
+        } else {
+            ""
+        }
+    );
+    if let (Some(from), Some(left)) = (r.resumed_from, r.remaining) {
+        out!(
+            "resumed from the last checkpoint: {from} bytes were already merged, {left} copied now"
+        );
+    }
+    if let Some(m) = &r.merge {
+        out!(
+            "verified: all {} copied runs read back from the ancestor with their BLAKE3",
+            m.runs_verified
+        );
+    }
+}
