@@ -26,13 +26,17 @@ pub fn fresh() -> Uuid {
         }
     }
     let x = st.as_mut().expect("seeded above");
-    let mut next = || {
-        *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = *x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    let bytes = (u128::from(next()) << 64 | u128::from(next())).to_le_bytes();
+    let hi = splitmix64(x);
+    let bytes = (u128::from(hi) << 64 | u128::from(splitmix64(x))).to_le_bytes();
     uuid::Builder::from_random_bytes(bytes).into_uuid()
+}
+
+/// The next value of a splitmix64 sequence (Steele, Lea and Flood 2014):
+/// seeded GUIDs here, test patterns in the tests.
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }

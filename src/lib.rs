@@ -15,16 +15,17 @@ pub mod disk;
 pub mod error;
 pub mod failpoint;
 pub mod format;
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod guid;
 pub mod io;
 pub mod journal;
 pub mod merge;
-pub mod paths;
+pub(crate) mod paths;
 pub mod recover;
 pub mod scan;
-pub mod transaction;
+pub(crate) mod transaction;
 pub mod verify;
 
 pub use disk::{Chain, ChainOptions};

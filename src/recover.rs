@@ -145,10 +145,7 @@ pub fn recover_journal(
         unreachable!("load checks Begin")
     };
     // Paths are relative to the journal's folder unless absolute.
-    let jdir = jpath
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let jdir = crate::paths::folder_of(jpath);
     let paths: Vec<PathBuf> = begin.files.iter().map(|f| jdir.join(&f.path)).collect();
     let state = State::of(&loaded.records);
     let action = decide(&state, rollback);

@@ -88,7 +88,7 @@ fn every_seed_and_regression_input_is_handled() {
 fn vhdx_fields(b: &[u8]) -> Vec<(usize, usize)> {
     let mut v = Vec::new();
     for h in [64usize << 10, 128 << 10] {
-        for (o, w) in common::VHDX_HEADER_FIELDS {
+        for (o, w) in vhdmerge::format::vhdx::header::FIELDS {
             v.push((h + o as usize, w));
         }
     }
@@ -163,7 +163,7 @@ fn vhd_fields(b: &[u8]) -> Vec<(usize, usize)> {
     }
     let d = u64::from_be_bytes(b[f + 16..f + 24].try_into().unwrap()) as usize;
     if d + 1024 <= b.len() {
-        for (o, w) in common::VHD_DYNAMIC_HEADER_FIELDS {
+        for (o, w) in vhdmerge::format::vhd::DYN_HEADER_FIELDS {
             v.push((d + o as usize, w));
         }
         for k in 0..8 {

@@ -10,6 +10,8 @@ use std::process::Command;
 
 use common::*;
 use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
+use vhdmerge::format::vhd::DYN_HEADER_FIELDS as VHD_DYNAMIC_HEADER_FIELDS;
+use vhdmerge::format::vhdx::header::FIELDS as VHDX_HEADER_FIELDS;
 use vhdmerge::{Chain, ChainOptions};
 
 /// A labelled change to a file.

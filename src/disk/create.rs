@@ -146,10 +146,7 @@ fn write_new(path: &Path, fill: impl FnOnce(&FileStorage) -> Result<()>) -> Resu
     if path.exists() {
         return Err(invalid(path, "the file already exists".into()));
     }
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = crate::paths::folder_of(path);
     let tmp = tempfile::Builder::new()
         .prefix(".vhdmerge-new-")
         .tempfile_in(dir)
@@ -339,13 +336,7 @@ pub fn create_vhdx(path: &Path, o: &VhdxOptions) -> Result<()> {
 
 /// A relative path from `child`'s folder to `parent`, Windows style.
 pub fn relative_win_path(child: &Path, parent: &Path) -> String {
-    let cdir = std::fs::canonicalize(
-        child
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new(".")),
-    )
-    .unwrap_or_default();
+    let cdir = std::fs::canonicalize(crate::paths::folder_of(child)).unwrap_or_default();
     let p = std::fs::canonicalize(parent).unwrap_or_else(|_| parent.to_path_buf());
     match p.strip_prefix(&cdir) {
         Ok(rest) => format!(".\\{}", rest.to_string_lossy().replace('/', "\\")),

@@ -243,10 +243,7 @@ pub fn check_writable(files: &[&Path], folders: &[&Path]) -> Result<()> {
 pub fn sparse_files(path: &Path) -> bool {
     const MSDOS: u32 = 0x4d44;
     const EXFAT: u32 = 0x2011_bab0;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = crate::paths::folder_of(path);
     match rustix::fs::statfs(dir) {
         Ok(st) => !matches!(st.f_type as u32, MSDOS | EXFAT),
         Err(_) => false,
@@ -255,10 +252,7 @@ pub fn sparse_files(path: &Path) -> bool {
 
 /// Refuses when the folder of `path` has less than `needed` bytes free.
 pub fn check_space(path: &Path, needed: u64) -> Result<u64> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = crate::paths::folder_of(path);
     let free = fs2::available_space(dir).map_err(|e| Error::io(dir, "reading free space", e))?;
     if free < needed {
         return Err(Error::WriteRefused {

@@ -275,10 +275,7 @@ pub fn pending_journal(path: &Path) -> Result<Option<PathBuf>> {
     if own.exists() {
         return Ok(Some(own));
     }
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = folder_of(path);
     let me = canonical(path);
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(None);

@@ -206,11 +206,7 @@ pub struct Rng(pub u64);
 
 impl Rng {
     pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
+        vhdmerge::guid::splitmix64(&mut self.0)
     }
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
@@ -222,39 +218,6 @@ impl Rng {
             .collect()
     }
 }
-
-/// The fields of a VHDX header (MS-VHDX 2.2.2) as (offset, width):
-/// signature, checksum, sequence, FileWriteGuid, DataWriteGuid, LogGuid,
-/// LogVersion, Version, LogLength, LogOffset.
-pub const VHDX_HEADER_FIELDS: [(u64, usize); 10] = [
-    (0, 4),
-    (4, 4),
-    (8, 8),
-    (16, 16),
-    (32, 16),
-    (48, 16),
-    (64, 2),
-    (66, 2),
-    (68, 4),
-    (72, 8),
-];
-
-/// The fields of a VHD dynamic disk header (VHD spec, "Dynamic Disk Header
-/// Format") as (offset, width): cookie, data offset, table offset, header
-/// version, max table entries, block size, checksum, parent unique id,
-/// parent time stamp, parent name (its start).
-pub const VHD_DYNAMIC_HEADER_FIELDS: [(u64, usize); 10] = [
-    (0, 8),
-    (8, 8),
-    (16, 8),
-    (24, 4),
-    (28, 4),
-    (32, 4),
-    (36, 4),
-    (40, 16),
-    (56, 4),
-    (64, 16),
-];
 
 /// Every regular file in a folder with the BLAKE3 of its bytes, by name:
 /// what tests compare to show that nothing was written.

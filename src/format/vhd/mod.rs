@@ -156,6 +156,23 @@ pub struct Locator {
     pub data_offset: u64,
 }
 
+/// The fields of the dynamic disk header (VHD spec, "Dynamic Disk Header
+/// Format") as (offset, width): cookie, data offset, table offset, header
+/// version, max table entries, block size, checksum, parent unique id,
+/// parent time stamp, parent name (its start). A test proves each is read.
+pub const DYN_HEADER_FIELDS: [(u64, usize); 10] = [
+    (0, 8),
+    (8, 8),
+    (16, 8),
+    (24, 4),
+    (28, 4),
+    (32, 4),
+    (36, 4),
+    (40, 16),
+    (56, 4),
+    (64, 16),
+];
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DynHeader {
     pub data_offset: u64,
@@ -274,6 +291,41 @@ pub fn set_bit(bitmap: &mut [u8], i: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Changing any field of `DYN_HEADER_FIELDS` but the cookie and the
+    /// checksum changes what `decode` returns.
+    #[test]
+    fn every_dynamic_header_field_of_the_table_is_read() {
+        let h = DynHeader {
+            data_offset: u64::MAX,
+            table_offset: 1536,
+            version: 0x10000,
+            max_table_entries: 32,
+            block_size: 2 << 20,
+            checksum: 0,
+            parent_unique_id: Uuid::from_u128(9),
+            parent_timestamp: 5,
+            parent_name: "parent.vhd".into(),
+            locators: (0..8)
+                .map(|_| Locator {
+                    code: [0; 4],
+                    data_space: 0,
+                    data_length: 0,
+                    data_offset: 0,
+                })
+                .collect(),
+        };
+        let base = DynHeader::decode(&h.encode()).unwrap();
+        for (i, &(off, _)) in DYN_HEADER_FIELDS.iter().enumerate() {
+            let mut b = h.encode();
+            b[off as usize] ^= 0x5a;
+            match i {
+                0 => assert!(DynHeader::decode(&b).is_err()),
+                6 => assert!(!DynHeader::checksum_ok(&b)),
+                _ => assert_ne!(DynHeader::decode(&b).unwrap(), base, "field at {off}"),
+            }
+        }
+    }
 
     #[test]
     fn footer_round_trip_and_checksum() {

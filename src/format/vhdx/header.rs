@@ -8,6 +8,23 @@ use crate::format::{le_u16, le_u32, le_u64};
 pub const SIZE: usize = 4096;
 pub const SIGNATURE: &[u8; 4] = b"head";
 
+/// Every field (MS-VHDX 2.2.2) as (offset, width): signature, checksum,
+/// SequenceNumber, FileWriteGuid, DataWriteGuid, LogGuid, LogVersion,
+/// Version, LogLength, LogOffset. `decode` and `encode` use these offsets;
+/// a test proves each field is read.
+pub const FIELDS: [(u64, usize); 10] = [
+    (0, 4),
+    (4, 4),
+    (8, 8),
+    (16, 16),
+    (32, 16),
+    (48, 16),
+    (64, 2),
+    (66, 2),
+    (68, 4),
+    (72, 8),
+];
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
     pub sequence: u64,
@@ -109,6 +126,26 @@ mod tests {
             log_length: 1 << 20,
             log_offset: 1 << 20,
         }
+    }
+
+    /// Changing any field of `FIELDS` (the checksum made right again)
+    /// changes what `decode` returns: the table is where the fields are.
+    #[test]
+    fn every_field_of_the_table_is_read() {
+        let h = sample(7);
+        for &(off, _) in &FIELDS[2..] {
+            let mut b = h.encode();
+            b[off as usize] ^= 0x5a;
+            let crc = crc_with_zeroed(&b, 4);
+            b[4..8].copy_from_slice(&crc.to_le_bytes());
+            assert_ne!(Header::decode(&b).unwrap(), h, "field at {off}");
+        }
+        let mut b = h.encode();
+        b[FIELDS[1].0 as usize] ^= 1;
+        assert!(matches!(
+            Header::decode(&b),
+            Err(HeaderFault::Checksum { .. })
+        ));
     }
 
     #[test]

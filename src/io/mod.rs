@@ -64,10 +64,33 @@ macro_rules! delegate_storage {
 delegate_storage!(Box<dyn Storage>);
 delegate_storage!(std::sync::Arc<dyn Storage>);
 
-/// A real file. Every mutating operation passes through [`trace`], which
-/// tests use to record operations (to build crash states) or inject faults.
+#[cfg(feature = "testing")]
+pub mod trace;
+
+/// Hands a mutating operation to the test tracer, which may fail it;
+/// nothing at all without the `testing` feature.
+macro_rules! traced {
+    ($op:expr) => {{
+        #[cfg(feature = "testing")]
+        trace::op($op)?;
+    }};
+}
+
+/// Whether the tests simulate durability (flushes are then no-ops).
+fn skip_sync() -> bool {
+    #[cfg(feature = "testing")]
+    return trace::skip_sync();
+    #[cfg(not(feature = "testing"))]
+    false
+}
+
+/// A real file. Every mutating operation passes through `traced!`, which
+/// tests (the `testing` feature) use to record operations, to build crash
+/// states, or to inject faults.
 pub struct FileStorage {
     file: File,
+    /// The tracer names operations by it.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     path: PathBuf,
     /// Bytes written since write-back was last started.
     unsent: AtomicU64,
@@ -99,9 +122,9 @@ impl FileStorage {
 
     /// Creates a new file (never replacing one); recorded as a create.
     pub fn create_new(path: &Path) -> io::Result<FileStorage> {
-        trace::op(trace::Op::Create {
+        traced!(trace::Op::Create {
             path: path.to_path_buf(),
-        })?;
+        });
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -160,33 +183,33 @@ impl Storage for FileStorage {
         self.file.read_exact_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        trace::op(trace::Op::Write {
+        traced!(trace::Op::Write {
             path: self.path.clone(),
             offset,
             data: trace::capture(buf),
-        })?;
+        });
         self.file.write_all_at(buf, offset)?;
         let unsent = self.unsent.fetch_add(buf.len() as u64, Ordering::Relaxed) + buf.len() as u64;
-        if unsent >= WRITEBACK_EVERY && !trace::skip_sync() {
+        if unsent >= WRITEBACK_EVERY && !skip_sync() {
             self.unsent.store(0, Ordering::Relaxed);
             start_writeback(&self.file)?;
         }
         Ok(())
     }
     fn flush(&self) -> io::Result<()> {
-        trace::op(trace::Op::Flush {
+        traced!(trace::Op::Flush {
             path: self.path.clone(),
-        })?;
-        if trace::skip_sync() {
+        });
+        if skip_sync() {
             return Ok(());
         }
         self.file.sync_data()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        trace::op(trace::Op::SetLen {
+        traced!(trace::Op::SetLen {
             path: self.path.clone(),
             len,
-        })?;
+        });
         self.file.set_len(len)
     }
     fn len(&self) -> io::Result<u64> {
@@ -441,197 +464,33 @@ pub mod fsops {
     use std::io;
     use std::path::Path;
 
+    #[cfg(feature = "testing")]
     use super::trace::{self, Op};
 
     pub fn remove_file(path: &Path) -> io::Result<()> {
-        trace::op(Op::Remove {
+        traced!(Op::Remove {
             path: path.to_path_buf(),
-        })?;
+        });
         std::fs::remove_file(path)
     }
 
     pub fn rename(from: &Path, to: &Path) -> io::Result<()> {
-        trace::op(Op::Rename {
+        traced!(Op::Rename {
             from: from.to_path_buf(),
             to: to.to_path_buf(),
-        })?;
+        });
         std::fs::rename(from, to)
     }
 
     /// fsync the folder holding `path` (after creating, renaming or deleting in it).
     pub fn sync_dir_of(path: &Path) -> io::Result<()> {
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        trace::op(Op::SyncDir {
+        let dir = crate::paths::folder_of(path);
+        traced!(Op::SyncDir {
             dir: dir.to_path_buf(),
-        })?;
-        if trace::skip_sync() {
+        });
+        if super::skip_sync() {
             return Ok(());
         }
         std::fs::File::open(dir).and_then(|d| d.sync_all())
-    }
-}
-
-/// Recording and fault injection for tests. Off unless a test starts it;
-/// then every mutating operation on a file below `root` is appended to the
-/// log (crash-state generation), and the operation with a chosen index can
-/// fail (fault injection).
-pub mod trace {
-    use std::io;
-    use std::path::{Path, PathBuf};
-    use std::sync::Mutex;
-
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub enum Op {
-        Write {
-            path: PathBuf,
-            offset: u64,
-            data: Vec<u8>,
-        },
-        Flush {
-            path: PathBuf,
-        },
-        SetLen {
-            path: PathBuf,
-            len: u64,
-        },
-        Create {
-            path: PathBuf,
-        },
-        Remove {
-            path: PathBuf,
-        },
-        Rename {
-            from: PathBuf,
-            to: PathBuf,
-        },
-        SyncDir {
-            dir: PathBuf,
-        },
-    }
-
-    impl Op {
-        pub fn path(&self) -> &Path {
-            match self {
-                Op::Write { path, .. }
-                | Op::Flush { path }
-                | Op::SetLen { path, .. }
-                | Op::Create { path }
-                | Op::Remove { path } => path,
-                Op::Rename { from, .. } => from,
-                Op::SyncDir { dir } => dir,
-            }
-        }
-    }
-
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum Fault {
-        /// EIO at the chosen operation only.
-        EioOnce,
-        /// EIO at the chosen operation and every one after it.
-        EioPersistent,
-        /// ENOSPC at the chosen operation and every one after it.
-        NoSpace,
-    }
-
-    struct State {
-        root: PathBuf,
-        record: bool,
-        ops: Vec<Op>,
-        count: usize,
-        fault: Option<(usize, Fault)>,
-        skip_sync: bool,
-        /// Canonical form of each folder seen: resolving a path costs a
-        /// readlink per component, and the crash tests trace millions of
-        /// operations in a handful of folders.
-        folders: std::collections::HashMap<PathBuf, PathBuf>,
-    }
-
-    static STATE: Mutex<Option<State>> = Mutex::new(None);
-
-    fn lock() -> std::sync::MutexGuard<'static, Option<State>> {
-        STATE.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Starts tracing operations on files below `root`. `skip_sync` makes
-    /// flushes no-ops at the OS level (the tests simulate durability).
-    pub fn start(root: &Path, record: bool, fault: Option<(usize, Fault)>, skip_sync: bool) {
-        let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
-        *lock() = Some(State {
-            root,
-            record,
-            ops: Vec::new(),
-            count: 0,
-            fault,
-            skip_sync,
-            folders: Default::default(),
-        });
-    }
-
-    /// Stops tracing; returns the recorded operations and how many were seen.
-    pub fn stop() -> (Vec<Op>, usize) {
-        match lock().take() {
-            Some(s) => (s.ops, s.count),
-            None => (Vec::new(), 0),
-        }
-    }
-
-    pub fn skip_sync() -> bool {
-        lock().as_ref().is_some_and(|s| s.skip_sync)
-    }
-
-    /// Copies written data only while recording.
-    pub fn capture(buf: &[u8]) -> Vec<u8> {
-        if lock().as_ref().is_some_and(|s| s.record) {
-            buf.to_vec()
-        } else {
-            Vec::new()
-        }
-    }
-
-    pub(crate) fn op(op: Op) -> io::Result<()> {
-        let mut guard = lock();
-        let Some(s) = guard.as_mut() else {
-            return Ok(());
-        };
-        let p = op.path();
-        let folder = match p.parent() {
-            Some(f) if !f.as_os_str().is_empty() => f,
-            _ => Path::new("."),
-        };
-        let canon = match s.folders.get(folder) {
-            Some(c) => c.clone(),
-            None => {
-                let c = std::fs::canonicalize(folder).unwrap_or_else(|_| folder.to_path_buf());
-                s.folders.insert(folder.to_path_buf(), c.clone());
-                c
-            }
-        };
-        if !canon
-            .join(p.file_name().unwrap_or_default())
-            .starts_with(&s.root)
-        {
-            return Ok(());
-        }
-        let index = s.count;
-        s.count += 1;
-        if let Some((at, fault)) = s.fault {
-            let hit = match fault {
-                Fault::EioOnce => index == at,
-                Fault::EioPersistent | Fault::NoSpace => index >= at,
-            };
-            if hit {
-                return Err(match fault {
-                    Fault::NoSpace => io::Error::from_raw_os_error(28),
-                    _ => io::Error::from_raw_os_error(5),
-                });
-            }
-        }
-        if s.record {
-            s.ops.push(op);
-        }
-        Ok(())
     }
 }
