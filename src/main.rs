@@ -6,16 +6,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use vhdmerge::Error;
-use vhdmerge::disk::create::CreateOptions;
-use vhdmerge::merge::MergeOptions;
-use vhdmerge::scan::ScanOptions;
 
 #[macro_use]
 mod cli;
 
-use cli::args::{Cli, Cmd, VerifyArg};
-use cli::disk::{Expected, HashKind};
-use cli::merge::Show;
+use cli::args::{Cli, Cmd};
 
 fn main() -> ExitCode {
     fix_malloc_threshold();
@@ -43,127 +38,15 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> cli::Exit {
     let quiet = cli.quiet;
     match cli.cmd {
-        Cmd::Info {
-            disk,
-            chain,
-            json,
-            parent,
-        } => cli::disk::cmd_info(&disk, chain, json, parent),
-        Cmd::Create {
-            path,
-            size,
-            format,
-            block_size,
-            logical_sector,
-            physical_sector,
-            fixed,
-            parent,
-        } => {
-            let o = CreateOptions {
-                size,
-                format: None,
-                block_size,
-                logical_sector,
-                physical_sector,
-                fixed,
-                parent,
-            };
-            cli::disk::cmd_create(&path, format, o)
-        }
-        Cmd::Export { disk, out, parent } => cli::disk::cmd_export(&disk, &out, parent, quiet),
-        Cmd::Hash {
-            disk,
-            flat,
-            manifest,
-            json,
-            parent,
-        } => {
-            let kind = match (flat, manifest) {
-                (true, _) => HashKind::Flat,
-                (false, Some(m)) => HashKind::Manifest(m),
-                (false, None) => HashKind::Content,
-            };
-            cli::disk::cmd_hash(&disk, kind, json, parent, quiet)
-        }
-        Cmd::Merge {
-            child,
-            into,
-            parent,
-            keep,
-            force,
-            dry_run,
-            json,
-            verify,
-            batch,
-            checkpoint_every,
-        } => {
-            let opts = MergeOptions {
-                into,
-                parent,
-                keep,
-                force,
-                batch_bytes: batch,
-                verify_full: verify == VerifyArg::Full,
-                checkpoint_bytes: checkpoint_every.max(1),
-                stop: None,
-            };
-            let show = Show {
-                dry_run,
-                json,
-                quiet,
-            };
-            cli::merge::cmd_merge(&child, opts, show)
-        }
-        Cmd::Recover {
-            disk,
-            rollback,
-            json,
-            checkpoint_every,
-            batch,
-        } => {
-            let opts = MergeOptions {
-                batch_bytes: batch,
-                checkpoint_bytes: checkpoint_every.max(1),
-                ..Default::default()
-            };
-            let show = Show {
-                dry_run: false,
-                json,
-                quiet,
-            };
-            cli::merge::cmd_recover(&disk, rollback, opts, show)
-        }
-        Cmd::Verify {
-            disk,
-            expect,
-            manifest,
-            json,
-            parent,
-        } => {
-            let expected = match (manifest, expect) {
-                (Some(m), _) => Expected::Manifest(m),
-                (None, Some(d)) => Expected::Digest(d),
-                (None, None) => unreachable!("clap requires one"),
-            };
-            cli::disk::cmd_verify(&disk, expected, json, parent, quiet)
-        }
-        Cmd::Check { disk, json, parent } => cli::disk::cmd_check(&disk, json, parent),
-        Cmd::Scan {
-            dirs,
-            recursive,
-            check,
-            hash,
-            speed,
-            json,
-        } => {
-            let opts = ScanOptions {
-                recursive,
-                check,
-                hash,
-                speed: speed.max(1),
-            };
-            cli::scan::cmd_scan(&dirs, &opts, json)
-        }
+        Cmd::Info(a) => cli::disk::cmd_info(a),
+        Cmd::Create(a) => cli::disk::cmd_create(a),
+        Cmd::Export(a) => cli::disk::cmd_export(a, quiet),
+        Cmd::Hash(a) => cli::disk::cmd_hash(a, quiet),
+        Cmd::Merge(a) => cli::merge::cmd_merge(a, quiet),
+        Cmd::Recover(a) => cli::merge::cmd_recover(a, quiet),
+        Cmd::Verify(a) => cli::disk::cmd_verify(a, quiet),
+        Cmd::Check(a) => cli::disk::cmd_check(a),
+        Cmd::Scan(a) => cli::scan::cmd_scan(a),
         Cmd::Demo => cli::demo::cmd_demo(),
     }
 }

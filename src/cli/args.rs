@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Exit codes: 0 success; 1 the operation failed or was refused (the
 /// message says why), or `check` could not finish; 2 `check` found
@@ -24,157 +24,184 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Show a disk and every level of its chain.
-    Info {
-        disk: PathBuf,
-        /// Show every level of the chain (default: the top file and the links).
-        #[arg(long)]
-        chain: bool,
-        #[arg(long)]
-        json: bool,
-        /// Use this file as the top file's parent instead of its locators.
-        #[arg(long)]
-        parent: Option<PathBuf>,
-    },
+    Info(InfoArgs),
     /// Create a dynamic or fixed disk, or a differencing child (--parent).
-    Create {
-        path: PathBuf,
-        /// Virtual size, e.g. 10G, 512M (not with --parent).
-        #[arg(long, value_parser = parse_size, required_unless_present = "parent")]
-        size: Option<u64>,
-        /// Format; by default from the file extension (.vhdx/.avhdx or .vhd/.avhd).
-        #[arg(long, value_enum)]
-        format: Option<FormatArg>,
-        /// Block size (VHDX 1M..256M, default 32M; VHD default 2M).
-        #[arg(long, value_parser = parse_size)]
-        block_size: Option<u64>,
-        /// VHDX logical sector size: 512 or 4096.
-        #[arg(long, default_value_t = 512)]
-        logical_sector: u64,
-        /// VHDX physical sector size: 512 or 4096.
-        #[arg(long, default_value_t = 4096)]
-        physical_sector: u64,
-        /// Fully allocated (fixed) disk.
-        #[arg(long)]
-        fixed: bool,
-        /// Create a differencing child of this disk.
-        #[arg(long)]
-        parent: Option<PathBuf>,
-    },
+    Create(CreateArgs),
     /// Write the guest-visible disk of the whole chain to a sparse raw file.
-    Export {
-        disk: PathBuf,
-        out: PathBuf,
-        #[arg(long)]
-        parent: Option<PathBuf>,
-    },
+    Export(ExportArgs),
     /// BLAKE3 of the guest-visible disk (VHD, VHDX chain, or raw file).
-    Hash {
-        disk: PathBuf,
-        /// Plain BLAKE3 of the byte stream, equal to b3sum of a raw export.
-        #[arg(long)]
-        flat: bool,
-        /// Also write the chunk manifest (docs/digest.md) to this file.
-        #[arg(long, conflicts_with = "flat")]
-        manifest: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-        #[arg(long)]
-        parent: Option<PathBuf>,
-    },
+    Hash(HashArgs),
     /// Merge a differencing disk (and every disk up to ANCESTOR) into ANCESTOR, crash-safely.
-    Merge {
-        child: PathBuf,
-        /// The ancestor to merge into (default: the direct parent).
-        #[arg(long)]
-        into: Option<PathBuf>,
-        /// Use this file as the child's parent instead of its locators.
-        #[arg(long)]
-        parent: Option<PathBuf>,
-        /// Rename the merged files to NAME.merged instead of deleting them.
-        #[arg(long)]
-        keep: bool,
-        /// Merge even though other disks depend on the ancestor or an intermediate disk.
-        #[arg(long)]
-        force: bool,
-        /// Print the plan (runs, bytes, journal size, space needed) and write nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Print a JSON summary on stdout.
-        #[arg(long)]
-        json: bool,
-        /// Verify the whole merged disk (reads it twice) instead of every copied run.
-        #[arg(long, value_enum, default_value = "runs")]
-        verify: VerifyArg,
-        /// Bytes copied between durability points.
-        #[arg(long, value_parser = parse_size, default_value = "4G", hide = true)]
-        batch: u64,
-        /// Copied bytes between checkpoints (a crash or Ctrl-C loses at most
-        /// this much work; checkpoints are also at most 30 s apart).
-        #[arg(long, value_parser = parse_size, default_value = "1G")]
-        checkpoint_every: u64,
-    },
+    Merge(MergeArgs),
     /// Finish (resume from the last checkpoint) or roll back an interrupted merge.
-    Recover {
-        /// The ancestor of the interrupted merge (or any file it names).
-        disk: PathBuf,
-        /// Restore every file to its state when the merge began.
-        #[arg(long)]
-        rollback: bool,
-        #[arg(long)]
-        json: bool,
-        /// Copied bytes between checkpoints while resuming.
-        #[arg(long, value_parser = parse_size, default_value = "1G")]
-        checkpoint_every: u64,
-        #[arg(long, value_parser = parse_size, default_value = "4G", hide = true)]
-        batch: u64,
-    },
+    Recover(RecoverArgs),
     /// Compare a disk with an expected content digest or a manifest; name the ranges that differ.
-    Verify {
-        disk: PathBuf,
-        /// The expected content digest (from `vhdmerge hash`).
-        #[arg(long, required_unless_present = "manifest")]
-        expect: Option<String>,
-        /// A manifest written by `vhdmerge hash --manifest`.
-        #[arg(long, conflicts_with = "expect")]
-        manifest: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-        #[arg(long)]
-        parent: Option<PathBuf>,
-    },
+    Verify(VerifyArgs),
     /// Check every structural rule of a file, read-only. Exit 0 clean, 2 corrupt, 1 could not check.
-    Check {
-        disk: PathBuf,
-        #[arg(long)]
-        json: bool,
-        #[arg(long)]
-        parent: Option<PathBuf>,
-    },
+    Check(CheckArgs),
     /// Show the checkpoint trees of whole folders: chains, orphans, broken
     /// links, interrupted merges, and the merges that consolidate them.
     /// Read-only. Exit 0 when nothing is wrong, 2 when an error was found
     /// (broken link, pending merge, unreadable or damaged file), 1 when
     /// the scan could not run.
-    Scan {
-        #[arg(required = true)]
-        dirs: Vec<PathBuf>,
-        /// Scan subfolders too (e.g. Snapshots/<GUID>/ of older hosts).
-        #[arg(long, short)]
-        recursive: bool,
-        /// Run `check` on every file.
-        #[arg(long)]
-        check: bool,
-        /// Compute the content digest of every leaf's chain.
-        #[arg(long)]
-        hash: bool,
-        /// The merge speed the plan's time estimates assume, per second.
-        #[arg(long, value_parser = parse_size, default_value = "200M")]
-        speed: u64,
-        #[arg(long)]
-        json: bool,
-    },
+    Scan(ScanArgs),
     /// Build a small chain in a temporary folder and show what vhdmerge does.
     Demo,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    pub disk: PathBuf,
+    /// Show every level of the chain (default: the top file and the links).
+    #[arg(long)]
+    pub chain: bool,
+    #[arg(long)]
+    pub json: bool,
+    /// Use this file as the top file's parent instead of its locators.
+    #[arg(long)]
+    pub parent: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    pub path: PathBuf,
+    /// Virtual size, e.g. 10G, 512M (not with --parent).
+    #[arg(long, value_parser = parse_size, required_unless_present = "parent")]
+    pub size: Option<u64>,
+    /// Format; by default from the file extension (.vhdx/.avhdx or .vhd/.avhd).
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// Block size (VHDX 1M..256M, default 32M; VHD default 2M).
+    #[arg(long, value_parser = parse_size)]
+    pub block_size: Option<u64>,
+    /// VHDX logical sector size: 512 or 4096.
+    #[arg(long, default_value_t = 512)]
+    pub logical_sector: u64,
+    /// VHDX physical sector size: 512 or 4096.
+    #[arg(long, default_value_t = 4096)]
+    pub physical_sector: u64,
+    /// Fully allocated (fixed) disk.
+    #[arg(long)]
+    pub fixed: bool,
+    /// Create a differencing child of this disk.
+    #[arg(long)]
+    pub parent: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    pub disk: PathBuf,
+    pub out: PathBuf,
+    #[arg(long)]
+    pub parent: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct HashArgs {
+    pub disk: PathBuf,
+    /// Plain BLAKE3 of the byte stream, equal to b3sum of a raw export.
+    #[arg(long)]
+    pub flat: bool,
+    /// Also write the chunk manifest (docs/digest.md) to this file.
+    #[arg(long, conflicts_with = "flat")]
+    pub manifest: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub parent: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    pub child: PathBuf,
+    /// The ancestor to merge into (default: the direct parent).
+    #[arg(long)]
+    pub into: Option<PathBuf>,
+    /// Use this file as the child's parent instead of its locators.
+    #[arg(long)]
+    pub parent: Option<PathBuf>,
+    /// Rename the merged files to NAME.merged instead of deleting them.
+    #[arg(long)]
+    pub keep: bool,
+    /// Merge even though other disks depend on the ancestor or an intermediate disk.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the plan (runs, bytes, journal size, space needed) and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Verify the whole merged disk (reads it twice) instead of every copied run.
+    #[arg(long, value_enum, default_value = "runs")]
+    pub verify: VerifyArg,
+    /// Bytes copied between durability points.
+    #[arg(long, value_parser = parse_size, default_value = "4G", hide = true)]
+    pub batch: u64,
+    /// Copied bytes between checkpoints (a crash or Ctrl-C loses at most
+    /// this much work; checkpoints are also at most 30 s apart).
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    pub checkpoint_every: u64,
+}
+
+#[derive(Args)]
+pub struct RecoverArgs {
+    /// The ancestor of the interrupted merge (or any file it names).
+    pub disk: PathBuf,
+    /// Restore every file to its state when the merge began.
+    #[arg(long)]
+    pub rollback: bool,
+    #[arg(long)]
+    pub json: bool,
+    /// Copied bytes between checkpoints while resuming.
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    pub checkpoint_every: u64,
+    #[arg(long, value_parser = parse_size, default_value = "4G", hide = true)]
+    pub batch: u64,
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    pub disk: PathBuf,
+    /// The expected content digest (from `vhdmerge hash`).
+    #[arg(long, required_unless_present = "manifest")]
+    pub expect: Option<String>,
+    /// A manifest written by `vhdmerge hash --manifest`.
+    #[arg(long, conflicts_with = "expect")]
+    pub manifest: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub parent: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct CheckArgs {
+    pub disk: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub parent: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ScanArgs {
+    #[arg(required = true)]
+    pub dirs: Vec<PathBuf>,
+    /// Scan subfolders too (e.g. Snapshots/<GUID>/ of older hosts).
+    #[arg(long, short)]
+    pub recursive: bool,
+    /// Run `check` on every file.
+    #[arg(long)]
+    pub check: bool,
+    /// Compute the content digest of every leaf's chain.
+    #[arg(long)]
+    pub hash: bool,
+    /// The merge speed the plan's time estimates assume, per second.
+    #[arg(long, value_parser = parse_size, default_value = "200M")]
+    pub speed: u64,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -8,11 +8,12 @@ use vhdmerge::disk::{Format, LayerInfo, open_any};
 use vhdmerge::verify::{self, check, manifest};
 use vhdmerge::{Chain, Error};
 
-use super::args::FormatArg;
+use super::args::{CheckArgs, CreateArgs, ExportArgs, FormatArg, HashArgs, InfoArgs, VerifyArgs};
 use super::{Exit, bar, chain_options, open_chain, pending_merges, print_json, warn_all};
 
-pub fn cmd_info(disk: &Path, all: bool, json: bool, parent: Option<PathBuf>) -> Exit {
-    let chain = match open_chain(disk, parent) {
+pub fn cmd_info(a: InfoArgs) -> Exit {
+    let (disk, all, json) = (a.disk.as_path(), a.chain, a.json);
+    let chain = match open_chain(disk, a.parent) {
         Ok(c) => c,
         Err(e) => {
             // A pending merge changes the ancestor's identity, which
@@ -80,18 +81,27 @@ fn print_info(level: usize, i: &LayerInfo) {
     }
 }
 
-pub fn cmd_create(path: &Path, format: Option<FormatArg>, mut o: CreateOptions) -> Exit {
-    o.format = format.map(|f| match f {
-        FormatArg::Vhd => Format::Vhd,
-        FormatArg::Vhdx => Format::Vhdx,
-    });
-    create::create(path, &o)?;
-    out!("created {}", path.display());
+pub fn cmd_create(a: CreateArgs) -> Exit {
+    let o = CreateOptions {
+        size: a.size,
+        format: a.format.map(|f| match f {
+            FormatArg::Vhd => Format::Vhd,
+            FormatArg::Vhdx => Format::Vhdx,
+        }),
+        block_size: a.block_size,
+        logical_sector: a.logical_sector,
+        physical_sector: a.physical_sector,
+        fixed: a.fixed,
+        parent: a.parent,
+    };
+    create::create(&a.path, &o)?;
+    out!("created {}", a.path.display());
     Ok(0)
 }
 
-pub fn cmd_export(disk: &Path, out: &Path, parent: Option<PathBuf>, quiet: bool) -> Exit {
-    let chain = open_chain(disk, parent)?;
+pub fn cmd_export(a: ExportArgs, quiet: bool) -> Exit {
+    let (disk, out) = (a.disk.as_path(), a.out.as_path());
+    let chain = open_chain(disk, a.parent)?;
     warn_all(&chain);
     let pb = bar(quiet, chain.virtual_size(), "export");
     verify::export_raw(&chain, out, |p| pb.set_position(p))?;
@@ -105,20 +115,20 @@ pub fn cmd_export(disk: &Path, out: &Path, parent: Option<PathBuf>, quiet: bool)
 }
 
 /// How `hash` hashes.
-pub enum HashKind {
+enum HashKind {
     Content,
     Flat,
     Manifest(PathBuf),
 }
 
-pub fn cmd_hash(
-    disk: &Path,
-    kind: HashKind,
-    json: bool,
-    parent: Option<PathBuf>,
-    quiet: bool,
-) -> Exit {
-    let chain = open_any(disk, &chain_options(parent))?;
+pub fn cmd_hash(a: HashArgs, quiet: bool) -> Exit {
+    let kind = match (a.flat, a.manifest) {
+        (true, _) => HashKind::Flat,
+        (false, Some(m)) => HashKind::Manifest(m),
+        (false, None) => HashKind::Content,
+    };
+    let (disk, json) = (a.disk.as_path(), a.json);
+    let chain = open_any(disk, &chain_options(a.parent))?;
     warn_all(&chain);
     let pb = bar(quiet, chain.virtual_size(), "hash");
     let mut progress = |p| pb.set_position(p);
@@ -154,19 +164,19 @@ pub fn cmd_hash(
 }
 
 /// What `verify` compares with.
-pub enum Expected {
+enum Expected {
     Digest(String),
     Manifest(PathBuf),
 }
 
-pub fn cmd_verify(
-    disk: &Path,
-    expected: Expected,
-    json: bool,
-    parent: Option<PathBuf>,
-    quiet: bool,
-) -> Exit {
-    let chain: Chain = open_any(disk, &chain_options(parent))?;
+pub fn cmd_verify(a: VerifyArgs, quiet: bool) -> Exit {
+    let expected = match (a.manifest, a.expect) {
+        (Some(m), _) => Expected::Manifest(m),
+        (None, Some(d)) => Expected::Digest(d),
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let (disk, json) = (a.disk.as_path(), a.json);
+    let chain: Chain = open_any(disk, &chain_options(a.parent))?;
     warn_all(&chain);
     let pb = bar(quiet || json, chain.virtual_size(), "verify");
     let actual = manifest::build(&chain, &mut |p| pb.set_position(p))?;
@@ -211,8 +221,9 @@ pub fn cmd_verify(
     Ok(0)
 }
 
-pub fn cmd_check(disk: &Path, json: bool, parent: Option<PathBuf>) -> Exit {
-    let r = check::check(disk, parent);
+pub fn cmd_check(a: CheckArgs) -> Exit {
+    let (disk, json) = (a.disk.as_path(), a.json);
+    let r = check::check(disk, a.parent);
     if json {
         print_json(&r);
     } else {

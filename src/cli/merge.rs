@@ -5,18 +5,33 @@ use std::path::Path;
 use vhdmerge::merge::{self, MergeOptions, Plan};
 use vhdmerge::recover::{self, Outcome, RecoverReport};
 
+use super::args::{MergeArgs, RecoverArgs, VerifyArg};
 use super::{Exit, bar, print_json, stop_on_signals};
 
 /// What `merge` shows besides doing it.
-pub struct Show {
-    pub dry_run: bool,
-    pub json: bool,
-    pub quiet: bool,
+struct Show {
+    dry_run: bool,
+    json: bool,
+    quiet: bool,
 }
 
-pub fn cmd_merge(child: &Path, mut opts: MergeOptions, show: Show) -> Exit {
-    opts.stop = Some(stop_on_signals());
-    let prepared = merge::prepare(child, &opts)?;
+pub fn cmd_merge(a: MergeArgs, quiet: bool) -> Exit {
+    let opts = MergeOptions {
+        into: a.into,
+        parent: a.parent,
+        keep: a.keep,
+        force: a.force,
+        batch_bytes: a.batch,
+        verify_full: a.verify == VerifyArg::Full,
+        checkpoint_bytes: a.checkpoint_every.max(1),
+        stop: Some(stop_on_signals()),
+    };
+    let show = Show {
+        dry_run: a.dry_run,
+        json: a.json,
+        quiet,
+    };
+    let prepared = merge::prepare(&a.child, &opts)?;
     if show.dry_run {
         match show.json {
             true => print_json(&prepared.plan),
@@ -98,15 +113,21 @@ fn print_plan(p: &Plan) {
     );
 }
 
-pub fn cmd_recover(disk: &Path, rollback: bool, mut opts: MergeOptions, show: Show) -> Exit {
-    opts.stop = Some(stop_on_signals());
-    let pb = bar(show.quiet || show.json, 0, "resume");
-    let r = recover::recover_with(disk, rollback, &opts, &mut |done, total| {
+pub fn cmd_recover(a: RecoverArgs, quiet: bool) -> Exit {
+    let opts = MergeOptions {
+        batch_bytes: a.batch,
+        checkpoint_bytes: a.checkpoint_every.max(1),
+        stop: Some(stop_on_signals()),
+        ..Default::default()
+    };
+    let (disk, json) = (a.disk.as_path(), a.json);
+    let pb = bar(quiet || json, 0, "resume");
+    let r = recover::recover_with(disk, a.rollback, &opts, &mut |done, total| {
         pb.set_length(total);
         pb.set_position(done);
     })?;
     pb.finish_and_clear();
-    match show.json {
+    match json {
         true => print_json(&r),
         false => print_recovery(disk, &r),
     }

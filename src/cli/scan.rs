@@ -7,12 +7,19 @@ use std::path::{Path, PathBuf};
 
 use vhdmerge::scan::{self as lib, FileReport, Finding, Report, ScanOptions, Severity, Step};
 
+use super::args::ScanArgs;
 use super::{Exit, iec, print_json};
 
 /// Exit 0 when no finding is an error, 2 when one is.
-pub fn cmd_scan(dirs: &[PathBuf], opts: &ScanOptions, json: bool) -> Exit {
-    let r = lib::scan(dirs, opts)?;
-    match json {
+pub fn cmd_scan(a: ScanArgs) -> Exit {
+    let opts = ScanOptions {
+        recursive: a.recursive,
+        check: a.check,
+        hash: a.hash,
+        speed: a.speed.max(1),
+    };
+    let r = lib::scan(&a.dirs, &opts)?;
+    match a.json {
         true => print_json(&r),
         false => out!("{}", render(&r).trim_end()),
     }
