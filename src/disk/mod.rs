@@ -89,6 +89,34 @@ impl Identity {
     }
 }
 
+/// A problem that allows reading but forbids writing: a damaged copy of a
+/// structure that has a good one, or a checksum that does not match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Warning {
+    /// The structure, as `check` names it ("header", "region table",
+    /// "footer", "dynamic header").
+    pub structure: &'static str,
+    pub offset: u64,
+    /// The whole sentence users see.
+    pub detail: String,
+}
+
+impl std::fmt::Display for Warning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+impl Warning {
+    pub fn new(structure: &'static str, offset: u64, detail: String) -> Warning {
+        Warning {
+            structure,
+            offset,
+            detail,
+        }
+    }
+}
+
 /// A summary of one file, for `info`.
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerInfo {
@@ -133,7 +161,7 @@ pub trait Layer: Send + Sync {
     fn identity(&self) -> Identity;
     fn info(&self) -> Result<LayerInfo>;
     /// Problems that allow reading but forbid writing (bad checksums).
-    fn warnings(&self) -> &[String];
+    fn warnings(&self) -> &[Warning];
     /// Bytes of metadata changed and not yet committed (VHDX BAT and
     /// bitmap pages, which a commit writes to the log and then in place).
     /// Writers commit early when this grows, to bound memory.
@@ -238,7 +266,7 @@ pub fn open_any(path: &Path, opts: &ChainOptions) -> Result<Chain> {
 
 /// Refuses a write to a layer opened read-only or found damaged (a
 /// checksum that did not match, say): writing would spread the damage.
-fn refuse_write(path: &Path, writable: bool, warnings: &[String]) -> Result<()> {
+fn refuse_write(path: &Path, writable: bool, warnings: &[Warning]) -> Result<()> {
     if !writable {
         return Err(Error::WriteRefused {
             path: path.to_path_buf(),

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{Extent, Format, Identity, Kind, Layer, LayerInfo, ParentRef};
+use super::{Extent, Format, Identity, Kind, Layer, LayerInfo, ParentRef, Warning};
 use crate::error::{Error, Result};
 use crate::io::{FileStorage, Src};
 
@@ -95,7 +95,7 @@ impl Layer for RawDisk {
             warnings: vec![],
         })
     }
-    fn warnings(&self) -> &[String] {
+    fn warnings(&self) -> &[Warning] {
         &[]
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use uuid::Uuid;
 
-use super::{Extent, Format, Identity, Kind, Layer, LayerInfo, ParentRef};
+use super::{Extent, Format, Identity, Kind, Layer, LayerInfo, ParentRef, Warning};
 use crate::error::{Error, Result};
 use crate::format::vhd::{self as fv, DynHeader, Footer, SECTOR};
 use crate::io::{FileStorage, Src, Storage};
@@ -21,7 +21,7 @@ pub struct VhdDisk {
     header_offset: u64,
     bat: Vec<u32>,
     size: u64,
-    warnings: Vec<String>,
+    warnings: Vec<Warning>,
     /// One cached block bitmap: (block, bytes).
     bitmap_cache: Mutex<Option<(u64, Vec<u8>)>>,
 }
@@ -100,8 +100,11 @@ impl VhdDisk {
         let h =
             DynHeader::decode(&raw).map_err(|e| Error::corrupt(&path, "dynamic header", off, e))?;
         if !DynHeader::checksum_ok(&raw) {
-            self.warnings
-                .push(format!("dynamic header at {off:#x} has a wrong checksum"));
+            self.warnings.push(Warning::new(
+                "dynamic header",
+                off,
+                format!("dynamic header at {off:#x} has a wrong checksum"),
+            ));
         }
         let bs = u64::from(h.block_size);
         if bs < SECTOR || !bs.is_power_of_two() || bs > 256 << 20 {
@@ -339,7 +342,7 @@ impl VhdDisk {
     }
 }
 
-fn read_footer(src: &Src, len: u64, warnings: &mut Vec<String>) -> Result<(Footer, u64)> {
+fn read_footer(src: &Src, len: u64, warnings: &mut Vec<Warning>) -> Result<(Footer, u64)> {
     let path = &src.path;
     if len < 512 {
         return Err(Error::corrupt(
@@ -379,9 +382,13 @@ fn read_footer(src: &Src, len: u64, warnings: &mut Vec<String>) -> Result<(Foote
                     "the footer at the end is missing and a fixed disk has no copy",
                 ));
             }
-            warnings.push(format!(
-                "the footer at {:#x} is missing; the copy at offset 0 is used",
-                len - 512
+            warnings.push(Warning::new(
+                "footer",
+                len - 512,
+                format!(
+                    "the footer at {:#x} is missing; the copy at offset 0 is used",
+                    len - 512
+                ),
             ));
             // The data area ends where the footer should be.
             return Ok((f, len - 512));
@@ -389,10 +396,14 @@ fn read_footer(src: &Src, len: u64, warnings: &mut Vec<String>) -> Result<(Foote
     };
     let f = Footer::decode(&raw).map_err(|e| Error::corrupt(path, "footer", at, e))?;
     if !Footer::checksum_ok(&raw) {
-        warnings.push(format!(
-            "footer at {at:#x} has a wrong checksum (stored {:#010x}, computed {:#010x})",
-            f.checksum,
-            fv::checksum(&raw, 64)
+        warnings.push(Warning::new(
+            "footer",
+            at,
+            format!(
+                "footer at {at:#x} has a wrong checksum (stored {:#010x}, computed {:#010x})",
+                f.checksum,
+                fv::checksum(&raw, 64)
+            ),
         ));
     }
     Ok((f, at))
@@ -603,11 +614,11 @@ impl Layer for VhdDisk {
             allocated_blocks: blocks,
             allocated_bytes: bytes,
             details,
-            warnings: self.warnings.clone(),
+            warnings: self.warnings.iter().map(|w| w.to_string()).collect(),
         })
     }
 
-    fn warnings(&self) -> &[String] {
+    fn warnings(&self) -> &[Warning] {
         &self.warnings
     }
 }

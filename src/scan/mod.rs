@@ -263,7 +263,9 @@ fn file_report(f: &mut Forest, i: usize, journals: &[JournalReport]) -> FileRepo
         leaf: n.children.is_empty(),
         merge_into_parent: size,
         unreplayed_log_entries: n.layer.as_ref().map_or(0, |l| l.unreplayed_log_entries()),
-        warnings: n.layer.as_ref().map_or(vec![], |l| l.warnings().to_vec()),
+        warnings: (n.layer.iter())
+            .flat_map(|l| l.warnings().iter().map(|w| w.to_string()))
+            .collect(),
         possibly_orphaned: None,
         pending_journal: n.pending.map(|j| journals[j].path.clone()),
         check: None,

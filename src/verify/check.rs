@@ -112,17 +112,7 @@ pub fn check(path: &Path, parent: Option<PathBuf>) -> CheckReport {
     };
     r.format = Some(layer.format());
     for w in layer.warnings() {
-        r.find(
-            if w.contains("footer") {
-                "footer"
-            } else if w.contains("header") {
-                "header"
-            } else {
-                "region table"
-            },
-            None,
-            w.clone(),
-        );
+        r.find(w.structure, Some(w.offset), w.detail.clone());
     }
     let src = match FileStorage::open(path, false) {
         Ok(f) => Src::new(path, Box::new(f)),

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use uuid::Uuid;
 
-use super::{Extent, Format, Identity, Kind, Layer, LayerInfo, ParentRef};
+use super::{Extent, Format, Identity, Kind, Layer, LayerInfo, ParentRef, Warning};
 use crate::error::{Error, Result};
 use crate::format::vhdx::bat::{self, Geometry};
 use crate::format::vhdx::header::Header;
@@ -67,7 +67,7 @@ pub struct VhdxDisk {
     geo: Geometry,
     bat: Vec<u64>,
     log_state: LogState,
-    warnings: Vec<String>,
+    warnings: Vec<Warning>,
     session: Option<Session>,
     /// Changed BAT entries not yet committed.
     dirty_bat: BTreeMap<u64, ()>,
@@ -669,7 +669,7 @@ impl Layer for VhdxDisk {
             allocated_blocks: blocks,
             allocated_bytes: blocks * self.geo.block_size,
             details,
-            warnings: self.warnings.clone(),
+            warnings: self.warnings.iter().map(|w| w.to_string()).collect(),
         })
     }
 
@@ -686,7 +686,7 @@ impl Layer for VhdxDisk {
         };
         (bat_pages + self.dirty_sb.len() as u64) * 4096
     }
-    fn warnings(&self) -> &[String] {
+    fn warnings(&self) -> &[Warning] {
         &self.warnings
     }
 }

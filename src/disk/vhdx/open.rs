@@ -6,6 +6,7 @@ use std::path::Path;
 
 use uuid::Uuid;
 
+use crate::disk::Warning;
 use crate::error::{Error, Result};
 use crate::format::vhdx::header::{self, Header};
 use crate::format::vhdx::log as vlog;
@@ -26,7 +27,7 @@ pub(super) struct Meta {
     pub(super) locator: Option<ParentLocator>,
 }
 
-pub(crate) fn read_headers(src: &Src) -> Result<(Header, usize, Vec<String>)> {
+pub(crate) fn read_headers(src: &Src) -> Result<(Header, usize, Vec<Warning>)> {
     let mut slots = [
         Err(header::HeaderFault::Signature),
         Err(header::HeaderFault::Signature),
@@ -38,10 +39,14 @@ pub(crate) fn read_headers(src: &Src) -> Result<(Header, usize, Vec<String>)> {
     let mut warnings = Vec::new();
     for (i, s) in slots.iter().enumerate() {
         if let Err(f) = s {
-            warnings.push(format!(
-                "header {} at {:#x} is not valid: {f}; the other copy is used",
-                i + 1,
-                HEADER_OFFSETS[i]
+            warnings.push(Warning::new(
+                "header",
+                HEADER_OFFSETS[i],
+                format!(
+                    "header {} at {:#x} is not valid: {f}; the other copy is used",
+                    i + 1,
+                    HEADER_OFFSETS[i]
+                ),
             ));
         }
     }
@@ -168,14 +173,18 @@ pub(super) fn replay_on_disk(
     Ok(())
 }
 
-pub(super) fn read_regions(src: &Src, warnings: &mut Vec<String>) -> Result<RegionTable> {
+pub(super) fn read_regions(src: &Src, warnings: &mut Vec<Warning>) -> Result<RegionTable> {
     let mut errs = Vec::new();
     let mut tables = Vec::new();
     for (i, off) in REGION_OFFSETS.iter().enumerate() {
         let b = src.read_vec(64 * 1024, *off, "a region table")?;
         match RegionTable::decode(&b) {
             Ok(t) => tables.push(t),
-            Err(e) => errs.push(format!("region table copy {} at {off:#x}: {e}", i + 1)),
+            Err(e) => errs.push(Warning::new(
+                "region table",
+                *off,
+                format!("region table copy {} at {off:#x}: {e}", i + 1),
+            )),
         }
     }
     if tables.is_empty() {
@@ -183,7 +192,10 @@ pub(super) fn read_regions(src: &Src, warnings: &mut Vec<String>) -> Result<Regi
             &src.path,
             "region table",
             REGION_OFFSETS[0],
-            errs.join("; "),
+            errs.iter()
+                .map(|w| w.detail.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
         ));
     }
     warnings.extend(errs);
