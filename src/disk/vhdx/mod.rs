@@ -82,6 +82,92 @@ pub struct VhdxDisk {
     next_data_write_guid: Option<Uuid>,
 }
 
+/// The file type identifier: the signature, and the creator it names.
+fn read_identifier(src: &Src, file_len: u64) -> Result<String> {
+    if file_len < 1 << 20 {
+        return Err(Error::corrupt(
+            &src.path,
+            "VHDX file",
+            0,
+            format!("file is {file_len} bytes, smaller than the 1 MiB header section"),
+        ));
+    }
+    let id = src.read_vec(64 * 1024, 0, "the file type identifier")?;
+    if &id[..8] != fx::FILE_SIGNATURE {
+        return Err(Error::corrupt(
+            &src.path,
+            "file type identifier",
+            0,
+            "signature is not 'vhdxfile'",
+        ));
+    }
+    Ok(fx::decode_creator(&id))
+}
+
+/// A live log (non-nil LogGuid) is replayed: into the file when it is
+/// opened for writing, else into an overlay that reads return, leaving
+/// the file as it is.
+fn open_log(
+    src: Src,
+    header: &Header,
+    slot: usize,
+    file_len: u64,
+    writable: bool,
+) -> Result<(Src, LogState)> {
+    if header.log_guid.is_nil() {
+        return Ok((src, LogState::Empty));
+    }
+    let entries = find_log(&src, header, file_len)?;
+    let n = entries.len();
+    if writable {
+        replay_on_disk(&src, header, slot, &entries)?;
+        return Ok((src, LogState::ReplayedOnDisk { entries: n }));
+    }
+    if n == 0 {
+        return Ok((src, LogState::LiveWithoutEntries));
+    }
+    let path = src.path.clone();
+    let overlay = Overlay::new(src.io).map_err(|e| Error::io(&path, "opening", e))?;
+    vlog::replay(&overlay, &entries)
+        .map_err(|e| Error::io(&path, "replaying the log in memory", e))?;
+    Ok((
+        Src::new(&path, Box::new(overlay)),
+        LogState::ReplayedInMemory { entries: n },
+    ))
+}
+
+/// The BAT and metadata regions, each checked, and no unknown required
+/// region.
+fn required_regions(
+    path: &Path,
+    regions: &RegionTable,
+    file_len: u64,
+) -> Result<(RegionEntry, RegionEntry)> {
+    let find = |g, what| {
+        regions.find(g).cloned().ok_or_else(|| {
+            Error::corrupt(
+                path,
+                "region table",
+                REGION_OFFSETS[0],
+                format!("no {what} region"),
+            )
+        })
+    };
+    let bat = find(region::BAT_GUID, "BAT")?;
+    let meta = find(region::METADATA_GUID, "metadata")?;
+    for r in &regions.entries {
+        check_region(path, r, file_len)?;
+        if r.guid != region::BAT_GUID && r.guid != region::METADATA_GUID && r.required {
+            return Err(Error::unsupported(
+                path,
+                "region",
+                format!("unknown required region {{{}}}", r.guid),
+            ));
+        }
+    }
+    Ok((bat, meta))
+}
+
 impl VhdxDisk {
     pub fn open(path: &Path, writable: bool) -> Result<VhdxDisk> {
         Self::open_with(path, Box::new(FileStorage::open(path, writable)?), writable)
@@ -123,49 +209,13 @@ impl VhdxDisk {
     }
 
     fn parse(path: &Path, io: Box<dyn Storage>, writable: bool) -> Result<VhdxDisk> {
-        let mut src = Src::new(path, io);
+        let src = Src::new(path, io);
         let file_len = src.len()?;
-        if file_len < 1 << 20 {
-            return Err(Error::corrupt(
-                path,
-                "VHDX file",
-                0,
-                format!("file is {file_len} bytes, smaller than the 1 MiB header section"),
-            ));
-        }
-        let id = src.read_vec(64 * 1024, 0, "the file type identifier")?;
-        if &id[..8] != fx::FILE_SIGNATURE {
-            return Err(Error::corrupt(
-                path,
-                "file type identifier",
-                0,
-                "signature is not 'vhdxfile'",
-            ));
-        }
-        let creator = fx::decode_creator(&id);
+        let creator = read_identifier(&src, file_len)?;
         let (header, header_slot, mut warnings) = read_headers(&src)?;
         check_header(path, &header, file_len)?;
-
-        let mut log_state = LogState::Empty;
-        if !header.log_guid.is_nil() {
-            let entries = find_log(&src, &header, file_len)?;
-            let n = entries.len();
-            if n == 0 && !writable {
-                log_state = LogState::LiveWithoutEntries;
-            } else if writable {
-                replay_on_disk(&src, &header, header_slot, &entries)?;
-                log_state = LogState::ReplayedOnDisk { entries: n };
-            } else {
-                let base =
-                    std::mem::replace(&mut src.io, Box::new(crate::io::MemStorage::default()));
-                let overlay = Overlay::new(base).map_err(|e| Error::io(path, "opening", e))?;
-                vlog::replay(&overlay, &entries)
-                    .map_err(|e| Error::io(path, "replaying the log in memory", e))?;
-                src = Src::new(path, Box::new(overlay));
-                log_state = LogState::ReplayedInMemory { entries: n };
-            }
-        }
-        // Re-read headers if replay happened on disk (it updated them).
+        let (src, log_state) = open_log(src, &header, header_slot, file_len, writable)?;
+        // A replay on disk updated the headers.
         let (header, header_slot) = if matches!(log_state, LogState::ReplayedOnDisk { .. }) {
             let (h, s, _) = read_headers(&src)?;
             (h, s)
@@ -173,32 +223,8 @@ impl VhdxDisk {
             (header, header_slot)
         };
         let file_len = src.len()?;
-
         let regions = read_regions(&src, &mut warnings)?;
-        let bat_region = regions.find(region::BAT_GUID).cloned().ok_or_else(|| {
-            Error::corrupt(path, "region table", REGION_OFFSETS[0], "no BAT region")
-        })?;
-        let meta_region = regions
-            .find(region::METADATA_GUID)
-            .cloned()
-            .ok_or_else(|| {
-                Error::corrupt(
-                    path,
-                    "region table",
-                    REGION_OFFSETS[0],
-                    "no metadata region",
-                )
-            })?;
-        for r in &regions.entries {
-            check_region(path, r, file_len)?;
-            if r.guid != region::BAT_GUID && r.guid != region::METADATA_GUID && r.required {
-                return Err(Error::unsupported(
-                    path,
-                    "region",
-                    format!("unknown required region {{{}}}", r.guid),
-                ));
-            }
-        }
+        let (bat_region, meta_region) = required_regions(path, &regions, file_len)?;
         let meta = read_metadata(&src, &meta_region)?;
         let geo = Geometry {
             virtual_size: meta.virtual_size,
@@ -287,15 +313,13 @@ impl VhdxDisk {
 
     /// Every allocated structure lies after the header section, inside the
     /// file (or is refused), and nothing overlaps (MS-VHDX 2.5.1).
+    /// Nothing the file holds overlaps anything else: the log, the
+    /// regions, and every block and sector bitmap the BAT points at.
     fn check_layout(&self) -> Result<()> {
-        let path = &self.src.path;
         let mut spans: Vec<(u64, u64, String)> = Vec::new();
         if self.header.log_length > 0 {
-            spans.push((
-                self.header.log_offset,
-                u64::from(self.header.log_length),
-                "log".into(),
-            ));
+            let log = u64::from(self.header.log_length);
+            spans.push((self.header.log_offset, log, "log".into()));
         }
         for r in &self.regions.entries {
             let name = if r.guid == region::BAT_GUID {
@@ -307,101 +331,16 @@ impl VhdxDisk {
             };
             spans.push((r.file_offset, u64::from(r.length), name));
         }
-        let cr = self.geo.chunk_ratio();
-        for (i, &e) in self.bat.iter().enumerate() {
-            let i = i as u64;
-            let is_sb = (i + 1).is_multiple_of(cr + 1);
-            let st = bat::state(e);
-            let at = self.bat_region.file_offset + i * 8;
-            let (present, len, what) = if is_sb {
-                match st {
-                    bat::SB_NOT_PRESENT => (false, MIB, "sector bitmap"),
-                    bat::SB_PRESENT if self.params.has_parent => (true, MIB, "sector bitmap"),
-                    _ => {
-                        return Err(Error::corrupt(
-                            path,
-                            "BAT entry",
-                            at,
-                            format!("sector bitmap entry {i} has invalid state {st}"),
-                        ));
-                    }
-                }
-            } else {
-                match st {
-                    0..=3 | bat::PAYLOAD_UNMAPPED_V095 => (false, 0, ""),
-                    bat::PAYLOAD_FULLY_PRESENT => (true, self.geo.block_size, "payload block"),
-                    bat::PAYLOAD_PARTIALLY_PRESENT if self.params.has_parent => {
-                        let sb = self.bat[self.geo.sb_index(i / (cr + 1) * cr) as usize];
-                        if bat::state(sb) != bat::SB_PRESENT {
-                            return Err(Error::corrupt(
-                                path,
-                                "BAT entry",
-                                at,
-                                format!(
-                                    "payload entry {i} is PARTIALLY_PRESENT but its chunk's sector bitmap is not present"
-                                ),
-                            ));
-                        }
-                        (true, self.geo.block_size, "payload block")
-                    }
-                    _ => {
-                        return Err(Error::corrupt(
-                            path,
-                            "BAT entry",
-                            at,
-                            format!(
-                                "payload entry {i} has invalid state {st} ({})",
-                                bat::state_name(st)
-                            ),
-                        ));
-                    }
-                }
-            };
-            if !present {
-                continue;
+        for i in 0..self.bat.len() as u64 {
+            if let Some((off, len, what)) = self.bat_span(i)? {
+                spans.push((off, len, format!("{what} (BAT entry {i})")));
             }
-            let off = bat::offset(e);
-            if off < MIB {
-                return Err(Error::corrupt(
-                    path,
-                    "BAT entry",
-                    at,
-                    format!("{what} entry {i} points at {off:#x}, inside the header section"),
-                ));
-            }
-            // A partial last block may end past EOF only by its unused part.
-            let block = i - i / (cr + 1);
-            if !is_sb && block >= self.geo.payload_blocks() {
-                return Err(Error::corrupt(
-                    path,
-                    "BAT entry",
-                    at,
-                    format!("payload entry {i} is allocated but lies past the disk's last block"),
-                ));
-            }
-            let used = if is_sb {
-                len
-            } else {
-                len.min(self.virtual_size - block * self.geo.block_size)
-            };
-            if off.checked_add(used).is_none_or(|end| end > self.file_len) {
-                return Err(Error::corrupt(
-                    path,
-                    "BAT entry",
-                    at,
-                    format!(
-                        "{what} entry {i} at {off:#x} (+{used:#x}) ends past the end of the file ({:#x}); the file was truncated",
-                        self.file_len
-                    ),
-                ));
-            }
-            spans.push((off, len, format!("{what} (BAT entry {i})")));
         }
         spans.sort();
         for w in spans.windows(2) {
             if w[0].0.saturating_add(w[0].1) > w[1].0 {
                 return Err(Error::corrupt(
-                    path,
+                    &self.src.path,
                     "file layout",
                     w[1].0,
                     format!(
@@ -412,6 +351,89 @@ impl VhdxDisk {
             }
         }
         Ok(())
+    }
+
+    /// BAT entry `i` checked on its own: a state its kind allows, and a
+    /// place inside the file. Returns what it occupies, if anything.
+    fn bat_span(&self, i: u64) -> Result<Option<(u64, u64, &'static str)>> {
+        let cr = self.geo.chunk_ratio();
+        let is_sb = (i + 1).is_multiple_of(cr + 1);
+        let e = self.bat[i as usize];
+        let Some((len, what)) = self.entry_extent(i, is_sb)? else {
+            return Ok(None);
+        };
+        let bad = |detail: String| {
+            Err(Error::corrupt(
+                &self.src.path,
+                "BAT entry",
+                self.bat_region.file_offset + i * 8,
+                detail,
+            ))
+        };
+        let off = bat::offset(e);
+        if off < MIB {
+            return bad(format!(
+                "{what} entry {i} points at {off:#x}, inside the header section"
+            ));
+        }
+        // A partial last block may end past EOF only by its unused part.
+        let block = i - i / (cr + 1);
+        if !is_sb && block >= self.geo.payload_blocks() {
+            return bad(format!(
+                "payload entry {i} is allocated but lies past the disk's last block"
+            ));
+        }
+        let used = match is_sb {
+            true => len,
+            false => len.min(self.virtual_size - block * self.geo.block_size),
+        };
+        if off.checked_add(used).is_none_or(|end| end > self.file_len) {
+            return bad(format!(
+                "{what} entry {i} at {off:#x} (+{used:#x}) ends past the end of the file ({:#x}); the file was truncated",
+                self.file_len
+            ));
+        }
+        Ok(Some((off, len, what)))
+    }
+
+    /// The bytes an entry's state says it holds in the file (`None` when
+    /// it holds none), or why the state is not allowed there.
+    fn entry_extent(&self, i: u64, is_sb: bool) -> Result<Option<(u64, &'static str)>> {
+        let st = bat::state(self.bat[i as usize]);
+        let bad = |detail: String| {
+            Err(Error::corrupt(
+                &self.src.path,
+                "BAT entry",
+                self.bat_region.file_offset + i * 8,
+                detail,
+            ))
+        };
+        if is_sb {
+            return match st {
+                bat::SB_NOT_PRESENT => Ok(None),
+                bat::SB_PRESENT if self.params.has_parent => Ok(Some((MIB, "sector bitmap"))),
+                _ => bad(format!("sector bitmap entry {i} has invalid state {st}")),
+            };
+        }
+        let payload = Ok(Some((self.geo.block_size, "payload block")));
+        match st {
+            0..=3 | bat::PAYLOAD_UNMAPPED_V095 => Ok(None),
+            bat::PAYLOAD_FULLY_PRESENT => payload,
+            bat::PAYLOAD_PARTIALLY_PRESENT if self.params.has_parent => {
+                let cr = self.geo.chunk_ratio();
+                let sb = self.bat[self.geo.sb_index(i / (cr + 1) * cr) as usize];
+                if bat::state(sb) != bat::SB_PRESENT {
+                    return bad(format!(
+                        "payload entry {i} is PARTIALLY_PRESENT but its chunk's sector bitmap is not present"
+                    ));
+                }
+                payload
+            }
+            _ => bad(format!(
+                "payload entry {i} has invalid state {st} ({})",
+                bat::state_name(st)
+            )),
+        }
     }
 
     fn sb_offset(&self, block: u64) -> Option<u64> {

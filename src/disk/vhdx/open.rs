@@ -236,19 +236,58 @@ pub(super) fn check_region(path: &Path, r: &RegionEntry, file_len: u64) -> Resul
 }
 
 pub(super) fn read_metadata(src: &Src, region: &RegionEntry) -> Result<Meta> {
-    let path = &src.path;
     let base = region.file_offset;
-    let rlen = u64::from(region.length);
     let table = src.read_vec(64 * 1024, base, "the metadata table")?;
-    let entries =
-        md::decode_table(&table).map_err(|e| Error::corrupt(path, "metadata table", base, e))?;
+    let entries = md::decode_table(&table)
+        .map_err(|e| Error::corrupt(&src.path, "metadata table", base, e))?;
+    check_table(&src.path, base, u64::from(region.length), &entries)?;
+    let items = Items {
+        src,
+        base,
+        entries: &entries,
+    };
+    let params = FileParameters::decode(&items.need(md::FILE_PARAMETERS, "File Parameters", 8)?);
+    let virtual_size =
+        md::decode_u64(&items.need(md::VIRTUAL_DISK_SIZE, "Virtual Disk Size", 8)?);
+    let disk_id = fx::guid(&items.need(md::VIRTUAL_DISK_ID, "Virtual Disk ID", 16)?);
+    let sector =
+        |g, name| -> Result<u64> { Ok(u64::from(md::decode_u32(&items.need(g, name, 4)?))) };
+    let logical_sector = sector(md::LOGICAL_SECTOR_SIZE, "Logical Sector Size")?;
+    let physical_sector = sector(md::PHYSICAL_SECTOR_SIZE, "Physical Sector Size")?;
+    let mut meta = Meta {
+        entries: entries.clone(),
+        params,
+        virtual_size,
+        disk_id,
+        logical_sector,
+        physical_sector,
+        locator: None,
+    };
+    check_values(&items, &meta)?;
+    meta.locator = match items.get(md::PARENT_LOCATOR, 20)? {
+        Some(b) => Some(ParentLocator::decode(&b).map_err(|e| {
+            Error::corrupt(&src.path, "parent locator", items.at(md::PARENT_LOCATOR), e)
+        })?),
+        None => None,
+    };
+    if meta.params.has_parent && meta.locator.is_none() {
+        return Err(Error::corrupt(
+            &src.path,
+            "File Parameters",
+            items.at(md::FILE_PARAMETERS),
+            "HasParent is set but there is no parent locator",
+        ));
+    }
+    Ok(meta)
+}
+
+/// The table's own rules: every item inside the region and apart from the
+/// others, and no unknown item that is required.
+fn check_table(path: &Path, base: u64, region_len: u64, entries: &[MetadataEntry]) -> Result<()> {
     let mut spans = Vec::new();
-    for e in &entries {
-        if e.length == 0 {
-            continue;
-        }
+    for e in entries.iter().filter(|e| e.length > 0) {
         if u64::from(e.offset) < 64 * 1024
-            || u64::from(e.offset) + u64::from(e.length) > rlen
+            || u64::from(e.offset) + u64::from(e.length) > region_len
             || e.length > 1 << 20
         {
             return Err(Error::corrupt(
@@ -282,111 +321,105 @@ pub(super) fn read_metadata(src: &Src, region: &RegionEntry) -> Result<Meta> {
             "items overlap",
         ));
     }
-    let item = |g: Uuid, min: usize| -> Result<Option<Vec<u8>>> {
-        let Some(e) = entries.iter().find(|e| e.item == g && !e.is_user()) else {
+    Ok(())
+}
+
+/// The system items of a metadata table, read from the file on demand.
+struct Items<'a> {
+    src: &'a Src,
+    base: u64,
+    entries: &'a [MetadataEntry],
+}
+
+impl Items<'_> {
+    /// An item's bytes (at least `min`), or `None` when the table lacks it.
+    fn get(&self, g: Uuid, min: usize) -> Result<Option<Vec<u8>>> {
+        let Some(e) = self.entries.iter().find(|e| e.item == g && !e.is_user()) else {
             return Ok(None);
         };
+        let at = self.base + u64::from(e.offset);
         if (e.length as usize) < min {
             return Err(Error::corrupt(
-                path,
+                &self.src.path,
                 "metadata item",
-                base + u64::from(e.offset),
+                at,
                 format!(
                     "item {{{g}}} is {} bytes, at least {min} expected",
                     e.length
                 ),
             ));
         }
-        Ok(Some(src.read_vec(
+        Ok(Some(self.src.read_vec(
             e.length as usize,
-            base + u64::from(e.offset),
+            at,
             "a metadata item",
         )?))
-    };
-    let need = |g: Uuid, name: &str, min: usize| -> Result<Vec<u8>> {
-        item(g, min)?.ok_or_else(|| {
+    }
+
+    /// A required item's bytes.
+    fn need(&self, g: Uuid, name: &str, min: usize) -> Result<Vec<u8>> {
+        self.get(g, min)?.ok_or_else(|| {
             Error::corrupt(
-                path,
+                &self.src.path,
                 "metadata table",
-                base,
+                self.base,
                 format!("required item {name} is missing"),
             )
         })
-    };
-    let params = FileParameters::decode(&need(md::FILE_PARAMETERS, "File Parameters", 8)?);
-    let virtual_size = md::decode_u64(&need(md::VIRTUAL_DISK_SIZE, "Virtual Disk Size", 8)?);
-    let disk_id = fx::guid(&need(md::VIRTUAL_DISK_ID, "Virtual Disk ID", 16)?);
-    let logical_sector = u64::from(md::decode_u32(&need(
-        md::LOGICAL_SECTOR_SIZE,
-        "Logical Sector Size",
-        4,
-    )?));
-    let physical_sector = u64::from(md::decode_u32(&need(
-        md::PHYSICAL_SECTOR_SIZE,
-        "Physical Sector Size",
-        4,
-    )?));
-    let bs = params.block_size;
-    let at = |g: Uuid| {
-        base + entries
-            .iter()
-            .find(|e| e.item == g)
-            .map_or(0, |e| u64::from(e.offset))
-    };
+    }
+
+    /// Where an item starts in the file (the table's start if absent).
+    fn at(&self, g: Uuid) -> u64 {
+        self.base
+            + self
+                .entries
+                .iter()
+                .find(|e| e.item == g)
+                .map_or(0, |e| u64::from(e.offset))
+    }
+}
+
+/// The values MS-VHDX allows: block size, sector sizes, virtual size.
+fn check_values(items: &Items, m: &Meta) -> Result<()> {
+    let path = &items.src.path;
+    let bs = m.params.block_size;
     if !bs.is_power_of_two() || !(1 << 20..=256 << 20).contains(&bs) {
         return Err(Error::corrupt(
             path,
             "File Parameters",
-            at(md::FILE_PARAMETERS),
+            items.at(md::FILE_PARAMETERS),
             format!("block size {bs} is not a power of two between 1 MiB and 256 MiB"),
         ));
     }
-    if logical_sector != 512 && logical_sector != 4096 {
-        return Err(Error::corrupt(
-            path,
+    for (size, name, g) in [
+        (
+            m.logical_sector,
             "Logical Sector Size",
-            at(md::LOGICAL_SECTOR_SIZE),
-            format!("{logical_sector} is neither 512 nor 4096"),
-        ));
-    }
-    if physical_sector != 512 && physical_sector != 4096 {
-        return Err(Error::corrupt(
-            path,
+            md::LOGICAL_SECTOR_SIZE,
+        ),
+        (
+            m.physical_sector,
             "Physical Sector Size",
-            at(md::PHYSICAL_SECTOR_SIZE),
-            format!("{physical_sector} is neither 512 nor 4096"),
-        ));
+            md::PHYSICAL_SECTOR_SIZE,
+        ),
+    ] {
+        if size != 512 && size != 4096 {
+            return Err(Error::corrupt(
+                path,
+                name,
+                items.at(g),
+                format!("{size} is neither 512 nor 4096"),
+            ));
+        }
     }
-    if virtual_size == 0 || virtual_size > MAX_TB || !virtual_size.is_multiple_of(logical_sector) {
+    let (size, ls) = (m.virtual_size, m.logical_sector);
+    if size == 0 || size > MAX_TB || !size.is_multiple_of(ls) {
         return Err(Error::corrupt(
             path,
             "Virtual Disk Size",
-            at(md::VIRTUAL_DISK_SIZE),
-            format!("{virtual_size} is not a non-zero multiple of {logical_sector} up to 64 TiB"),
+            items.at(md::VIRTUAL_DISK_SIZE),
+            format!("{size} is not a non-zero multiple of {ls} up to 64 TiB"),
         ));
     }
-    let locator = match item(md::PARENT_LOCATOR, 20)? {
-        Some(b) => Some(
-            ParentLocator::decode(&b)
-                .map_err(|e| Error::corrupt(path, "parent locator", at(md::PARENT_LOCATOR), e))?,
-        ),
-        None => None,
-    };
-    if params.has_parent && locator.is_none() {
-        return Err(Error::corrupt(
-            path,
-            "File Parameters",
-            at(md::FILE_PARAMETERS),
-            "HasParent is set but there is no parent locator",
-        ));
-    }
-    Ok(Meta {
-        entries,
-        params,
-        virtual_size,
-        disk_id,
-        logical_sector,
-        physical_sector,
-        locator,
-    })
+    Ok(())
 }
