@@ -242,3 +242,37 @@ pub fn check_link(child: &dyn Layer, parent: &dyn Layer, expected: &super::Ident
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first candidate that is a regular file wins; folders and
+    /// missing paths are passed over, and when none is left every path
+    /// tried is named.
+    #[test]
+    fn locators_are_tried_in_order_and_only_files_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("folder.vhdx")).unwrap();
+        std::fs::write(d.join("base.vhdx"), b"x").unwrap();
+        let c = |how: &str, name: &str| (how.to_string(), d.join(name));
+        let cands = [
+            c("relative_path", "missing.vhdx"),
+            c(
+                "absolute_win32_path (file name in the child's folder)",
+                "folder.vhdx",
+            ),
+            c("volume_path (file name in the child's folder)", "base.vhdx"),
+        ];
+        let (p, how) = locate_parent(&d.join("child.avhdx"), &cands).unwrap();
+        assert_eq!(p, d.join("base.vhdx"));
+        assert!(how.starts_with("volume_path"));
+        match locate_parent(&d.join("child.avhdx"), &cands[..2]) {
+            Err(Error::ParentMissing { tried, .. }) => {
+                assert_eq!(tried, [d.join("missing.vhdx"), d.join("folder.vhdx")])
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -83,9 +83,29 @@ impl VhdDisk {
         Ok(disk)
     }
 
+    /// The dynamic header, its BAT, and where the blocks lie.
     fn read_dynamic(&mut self) -> Result<()> {
-        let path = self.src.path.clone();
         let off = self.footer.data_offset;
+        let h = self.read_dyn_header(off)?;
+        let bs = u64::from(h.block_size);
+        let needed = self.size.div_ceil(bs);
+        let raw = self
+            .src
+            .read_vec((needed * 4) as usize, h.table_offset, "the BAT")?;
+        self.bat = raw
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes(c.try_into().expect("4")))
+            .collect();
+        self.check_blocks(&h, off)?;
+        self.header_offset = off;
+        self.header = Some(h);
+        Ok(())
+    }
+
+    /// Reads the dynamic header at `off` and checks that its block size and
+    /// BAT fit the disk and the file.
+    fn read_dyn_header(&mut self, off: u64) -> Result<DynHeader> {
+        let path = self.src.path.clone();
         if off < 512 || off.checked_add(1024).is_none_or(|e| e > self.footer_offset) {
             return Err(Error::corrupt(
                 &path,
@@ -142,63 +162,60 @@ impl VhdDisk {
                 ),
             ));
         }
-        let raw = self
-            .src
-            .read_vec((needed * 4) as usize, h.table_offset, "the BAT")?;
-        self.bat = raw
-            .chunks_exact(4)
-            .map(|c| u32::from_be_bytes(c.try_into().expect("4")))
-            .collect();
+        Ok(h)
+    }
+
+    /// Every allocated block lies in the data area (after the dynamic
+    /// header at `off`, before the footer), apart from the others and
+    /// from the BAT.
+    fn check_blocks(&self, h: &DynHeader, off: u64) -> Result<()> {
+        let bs = u64::from(h.block_size);
         let block_bytes = h.bitmap_bytes() + bs;
+        let bad = |entry: usize, detail: String| {
+            Err(Error::corrupt(
+                &self.src.path,
+                "BAT entry",
+                h.table_offset + 4 * entry as u64,
+                detail,
+            ))
+        };
+        // The last block may be cut where the disk ends.
+        let used = |i: usize| h.bitmap_bytes() + bs.min(self.size - i as u64 * bs);
         let mut spans: Vec<(u64, usize)> = Vec::new();
         for (i, &e) in self.bat.iter().enumerate() {
             if e == fv::UNALLOCATED {
                 continue;
             }
             let at = u64::from(e) * SECTOR;
-            // The last block may be cut where the disk ends.
-            let used = h.bitmap_bytes() + bs.min(self.size - i as u64 * bs);
-            if at < off + 1024 || at + used > self.footer_offset {
-                return Err(Error::corrupt(
-                    &path,
-                    "BAT entry",
-                    h.table_offset + 4 * i as u64,
+            if at < off + 1024 || at + used(i) > self.footer_offset {
+                return bad(
+                    i,
                     format!(
                         "block {i} at {at:#x} (+{block_bytes:#x}) lies outside the data area; the file was truncated or the BAT is damaged"
                     ),
-                ));
+                );
             }
             spans.push((at, i));
         }
         spans.sort();
         for w in spans.windows(2) {
-            let end = w[0].0 + h.bitmap_bytes() + bs.min(self.size - w[0].1 as u64 * bs);
-            if end > w[1].0 {
-                return Err(Error::corrupt(
-                    &path,
-                    "BAT entry",
-                    h.table_offset + 4 * w[1].1 as u64,
+            if w[0].0 + used(w[0].1) > w[1].0 {
+                return bad(
+                    w[1].1,
                     format!(
                         "block {} at {:#x} overlaps block {} at {:#x}",
                         w[1].1, w[1].0, w[0].1, w[0].0
                     ),
-                ));
+                );
             }
         }
-        // No block may overlap the BAT.
+        let bat_end = h.table_offset + self.bat.len() as u64 * 4;
         if let Some(&(first, i)) = spans.first()
-            && first < h.table_offset + needed * 4
+            && first < bat_end
             && first + block_bytes > h.table_offset
         {
-            return Err(Error::corrupt(
-                &path,
-                "BAT entry",
-                h.table_offset + 4 * i as u64,
-                format!("block {i} at {first:#x} overlaps the BAT"),
-            ));
+            return bad(i, format!("block {i} at {first:#x} overlaps the BAT"));
         }
-        self.header_offset = off;
-        self.header = Some(h);
         Ok(())
     }
 

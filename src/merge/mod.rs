@@ -340,58 +340,11 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
             ..Default::default()
         },
     )?;
-    if chain.layers.len() < 2 {
-        return Err(Error::NotDifferencing {
-            path: child.to_path_buf(),
-            merging: true,
-        });
-    }
-    let ancestor = match &opts.into {
-        None => 1,
-        Some(a) => {
-            let want = canonical(a);
-            chain
-                .layers
-                .iter()
-                .position(|l| canonical(l.path()) == want)
-                .filter(|&i| i > 0)
-                .ok_or_else(|| Error::NotAnAncestor {
-                    child: child.to_path_buf(),
-                    named: a.clone(),
-                    chain: chain
-                        .layers
-                        .iter()
-                        .map(|l| l.path().display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(" -> "),
-                })?
-        }
-    };
+    let ancestor = find_ancestor(&chain, child, opts.into.as_deref())?;
     preflight::refuse_damaged(&chain, ancestor + 1)?;
     let paths = preflight::layer_paths(&chain);
     preflight::refuse_pending(&paths[..=ancestor])?;
-    let deps = preflight::dependents(&chain, ancestor);
-    let (relink, siblings): (Vec<Dependent>, Vec<Dependent>) =
-        deps.into_iter().partition(|d| d.parent_level == 0);
-    if !siblings.is_empty() && !opts.force {
-        let list = siblings
-            .iter()
-            .map(|s| {
-                format!(
-                    "{} (child of {})",
-                    s.path.display(),
-                    chain.layers[s.parent_level].path().display()
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        return Err(Error::WriteRefused {
-            path: chain.layers[ancestor].path().to_path_buf(),
-            reason: format!(
-                "other disks depend on the ancestor or an intermediate disk and would be corrupted by this merge: {list}. Merge or delete them first, or pass --force to proceed knowingly"
-            ),
-        });
-    }
+    let (relink, siblings) = dependents(&chain, ancestor, opts.force)?;
     let rel_paths: Vec<&Path> = relink.iter().map(|d| d.path.as_path()).collect();
     preflight::refuse_pending(&rel_paths)?;
     let mut writes: Vec<&Path> = vec![chain.layers[ancestor].path()];
@@ -401,17 +354,88 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
         folders.extend(chain.layers[..ancestor].iter().map(|l| folder_of(l.path())));
     }
     preflight::check_writable(&writes, &folders)?;
+    let plan = plan(&chain, ancestor, child, &relink, &siblings)?;
+    Ok(Prepared {
+        chain,
+        ancestor,
+        plan,
+        relink,
+    })
+}
 
+/// The level of the ancestor to merge into: the direct parent, or the
+/// level `into` names.
+fn find_ancestor(chain: &Chain, child: &Path, into: Option<&Path>) -> Result<usize> {
+    if chain.layers.len() < 2 {
+        return Err(Error::NotDifferencing {
+            path: child.to_path_buf(),
+            merging: true,
+        });
+    }
+    let Some(a) = into else {
+        return Ok(1);
+    };
+    let want = canonical(a);
+    (chain.layers.iter())
+        .position(|l| canonical(l.path()) == want)
+        .filter(|&i| i > 0)
+        .ok_or_else(|| Error::NotAnAncestor {
+            child: child.to_path_buf(),
+            named: a.to_path_buf(),
+            chain: (chain.layers.iter())
+                .map(|l| l.path().display().to_string())
+                .collect::<Vec<_>>()
+                .join(" -> "),
+        })
+}
+
+/// The disks beside the chain that depend on it: children of the merged
+/// child (re-linked) and siblings (refused unless `force`).
+fn dependents(
+    chain: &Chain,
+    ancestor: usize,
+    force: bool,
+) -> Result<(Vec<Dependent>, Vec<Dependent>)> {
+    let (relink, siblings): (Vec<Dependent>, Vec<Dependent>) =
+        (preflight::dependents(chain, ancestor).into_iter()).partition(|d| d.parent_level == 0);
+    if siblings.is_empty() || force {
+        return Ok((relink, siblings));
+    }
+    let list = (siblings.iter())
+        .map(|s| {
+            format!(
+                "{} (child of {})",
+                s.path.display(),
+                chain.layers[s.parent_level].path().display()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(Error::WriteRefused {
+        path: chain.layers[ancestor].path().to_path_buf(),
+        reason: format!(
+            "other disks depend on the ancestor or an intermediate disk and would be corrupted by this merge: {list}. Merge or delete them first, or pass --force to proceed knowingly"
+        ),
+    })
+}
+
+/// Sizes the merge and checks the ancestor's folder has room for it.
+fn plan(
+    chain: &Chain,
+    ancestor: usize,
+    child: &Path,
+    relink: &[Dependent],
+    siblings: &[Dependent],
+) -> Result<Plan> {
     let a = chain.layers[ancestor].as_ref();
-    let size = measure(&chain, ancestor)?;
+    let size = measure(chain, ancestor)?;
     let space_needed = size.space_needed(preflight::sparse_files(a.path()));
     let free_space = preflight::check_space(a.path(), space_needed)?;
-    let plan = Plan {
+    Ok(Plan {
         child: child.to_path_buf(),
         ancestor: a.path().to_path_buf(),
         format: a.format(),
-        merged: chain.layers[..ancestor]
-            .iter()
+        merged: (chain.layers[..ancestor].iter())
             .map(|l| l.path().to_path_buf())
             .collect(),
         relink: relink.iter().map(|d| d.path.clone()).collect(),
@@ -426,12 +450,6 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
         free_space,
         journal: journal::path_for(a.path()),
         digest: size.digest,
-    };
-    Ok(Prepared {
-        chain,
-        ancestor,
-        plan,
-        relink,
     })
 }
 
@@ -949,5 +967,89 @@ pub fn relink_child(
             parent: ancestor.to_path_buf(),
             detail: "cannot re-link across formats".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::create::{self, VhdxOptions};
+
+    /// base.vhdx (64 MiB, 4 MiB blocks) holding 0..8 MiB, and a child
+    /// (1 MiB blocks) holding `writes`.
+    fn chain(dir: &Path, writes: &[(u64, usize)]) -> Chain {
+        let (base, child) = (dir.join("base.vhdx"), dir.join("child.avhdx"));
+        let o = VhdxOptions {
+            virtual_size: 64 << 20,
+            block_size: 4 << 20,
+            ..Default::default()
+        };
+        create::create_vhdx(&base, &o).unwrap();
+        let writable = ChainOptions {
+            writable: true,
+            ..Default::default()
+        };
+        let mut c = Chain::open(&base, &writable).unwrap();
+        c.write(0, &vec![7; 8 << 20]).unwrap();
+        c.close().unwrap();
+        create::create_child(&child, &base, Some(1 << 20)).unwrap();
+        let mut c = Chain::open(&child, &writable).unwrap();
+        for &(at, n) in writes {
+            c.write(at, &vec![9; n]).unwrap();
+        }
+        c.close().unwrap();
+        Chain::open(&child, &ChainOptions::default()).unwrap()
+    }
+
+    /// The plan counts what the child holds: runs split at the child's
+    /// block boundaries, bytes over the base's data as overwrites, and a
+    /// new base block, sized by its 4 KiB pages, for the rest.
+    #[test]
+    fn measure_counts_runs_overwrites_and_new_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = chain(dir.path(), &[((1 << 20) + 512, 1 << 20), (40 << 20, 4096)]);
+        let s = measure(&c, 1).unwrap();
+        assert_eq!(s.runs, 3);
+        assert_eq!(s.bytes, (1 << 20) + 4096);
+        assert_eq!(s.overwrite_bytes, 1 << 20);
+        assert_eq!((s.new_blocks, s.new_bytes, s.new_pages), (1, 4 << 20, 4096));
+        assert!(s.journal_estimate >= 2 * s.overwrite_bytes);
+        let mut walked = Vec::new();
+        for_each_run(&c, 1, 0, |r| {
+            walked.push((r.offset, r.len));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            walked,
+            [
+                ((1 << 20) + 512, (1 << 20) - 512),
+                (2 << 20, 512),
+                (40 << 20, 4096)
+            ]
+        );
+        // From a run boundary the walk yields the same runs from there.
+        let mut from = Vec::new();
+        for_each_run(&c, 1, 2 << 20, |r| {
+            from.push((r.offset, r.len));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(from, walked[1..]);
+    }
+
+    #[test]
+    fn the_ancestor_is_the_parent_or_a_named_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = chain(dir.path(), &[(0, 4096)]);
+        let child = dir.path().join("child.avhdx");
+        assert_eq!(find_ancestor(&c, &child, None).unwrap(), 1);
+        let base = dir.path().join("base.vhdx");
+        assert_eq!(find_ancestor(&c, &child, Some(&base)).unwrap(), 1);
+        let e = find_ancestor(&c, &child, Some(&child)).unwrap_err();
+        assert!(matches!(e, Error::NotAnAncestor { .. }), "{e}");
+        let single = Chain::open(&base, &ChainOptions::default()).unwrap();
+        let e = find_ancestor(&single, &base, None).unwrap_err();
+        assert!(matches!(e, Error::NotDifferencing { .. }), "{e}");
     }
 }

@@ -253,3 +253,81 @@ impl Buffers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::raw::RawDisk;
+
+    /// A raw file of `len` patterned bytes, opened as a layer.
+    fn layer(dir: &Path, name: &str, len: usize, seed: u8) -> Box<dyn Layer> {
+        let bytes: Vec<u8> = (0..len).map(|i| (i / 7) as u8 ^ seed).collect();
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        Box::new(RawDisk::open(&p).unwrap())
+    }
+
+    fn expected(len: usize, seed: u8, at: u64, n: u64) -> Vec<u8> {
+        (at as usize..(at + n) as usize)
+            .map(|i| (i / 7) as u8 ^ seed)
+            .take(len)
+            .collect()
+    }
+
+    /// Near pieces are read together, far ones apart, pieces of other
+    /// files apart; either way each request gets exactly its bytes.
+    #[test]
+    fn pieces_are_read_merged_and_handed_out_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let len = 32 << 20;
+        let layers = vec![
+            layer(dir.path(), "a", len, 1),
+            layer(dir.path(), "b", len, 2),
+        ];
+        let reqs = vec![
+            (0, 4096, 4096),
+            (0, 8192, 512),
+            (1, 4096, 4096),
+            (0, 20 << 20, 65536),
+            (0, 12288, 1 << 20),
+            (0, (20 << 20) + 65536 + 1000, 100),
+        ];
+        let buffers = Buffers::default();
+        let pieces = read_pieces(&layers, &reqs, &buffers).unwrap();
+        for (k, &(level, fo, n)) in reqs.iter().enumerate() {
+            let seed = [1, 2][level];
+            assert_eq!(pieces.get(k), expected(len, seed, fo, n), "request {k}");
+        }
+        // a's first three pieces (within READ_GAP) are one read, the far
+        // one at 20 MiB another (with its neighbour 1000 bytes on), and b
+        // its own.
+        assert_eq!(pieces.bufs.len(), 3);
+        pieces.give_back(&buffers);
+    }
+
+    /// Scattered small pieces are copied together, so the group holds
+    /// their bytes and not the gaps between them.
+    #[test]
+    fn scattered_pieces_are_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let layers = vec![layer(dir.path(), "a", 4 << 20, 3)];
+        let reqs: Vec<(usize, u64, u64)> = (0..64).map(|i| (0, i * 60_000, 512)).collect();
+        let pieces = read_pieces(&layers, &reqs, &Buffers::default()).unwrap();
+        let held: usize = pieces.bufs.iter().map(Vec::len).sum();
+        assert_eq!(held, 64 * 512);
+        for (k, &(_, fo, n)) in reqs.iter().enumerate() {
+            assert_eq!(pieces.get(k), expected(4 << 20, 3, fo, n));
+        }
+    }
+
+    #[test]
+    fn the_buffer_pool_keeps_at_most_two_groups() {
+        let b = Buffers::default();
+        for _ in 0..8 {
+            b.give(vec![0u8; 4 << 20]);
+        }
+        let held: usize = b.0.lock().unwrap().iter().map(Vec::capacity).sum();
+        assert!(held <= Buffers::KEEP_BYTES, "{held}");
+        assert_eq!(b.take(1 << 20).len(), 1 << 20);
+    }
+}
