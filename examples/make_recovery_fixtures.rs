@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
+use vhdmerge::disk::create::{self};
 use vhdmerge::{Chain, ChainOptions};
 
 struct Fixture {
@@ -271,27 +271,12 @@ fn build(dir: &Path, vhdx: bool, relink: bool, runs: bool) -> PathBuf {
     for i in 0..levels {
         let p = dir.join(format!("l{i}.{}", ext(i)));
         if i == 0 {
-            if vhdx {
-                create::create_vhdx(
-                    &p,
-                    &VhdxOptions {
-                        virtual_size: size,
-                        block_size: 1 << 20,
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
-            } else {
-                create::create_vhd(
-                    &p,
-                    &VhdOptions {
-                        size,
-                        block_size: 1 << 20,
-                        fixed: false,
-                    },
-                )
-                .unwrap();
-            }
+            let o = create::CreateOptions {
+                size: Some(size),
+                block_size: Some(1 << 20),
+                ..Default::default()
+            };
+            create::create(&p, &o).unwrap();
         } else {
             create::create_child(&p, &paths[i - 1], None).unwrap();
         }

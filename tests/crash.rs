@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use common::Rng;
 use sim::{Files, Scratch, Sim, fingerprint, name, snapshot, variants};
-use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
+use vhdmerge::disk::create::{self};
 use vhdmerge::io::trace::{self, Fault, Op};
 use vhdmerge::journal::State;
 use vhdmerge::merge::{self, MergeOptions};
@@ -69,28 +69,13 @@ fn build_with(s: &Scenario, dir: &Path, extra: usize) -> PathBuf {
             }
         ));
         if i == 0 {
-            if s.vhdx {
-                create::create_vhdx(
-                    &p,
-                    &VhdxOptions {
-                        virtual_size: size,
-                        block_size: bs,
-                        fixed: s.fixed_base,
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
-            } else {
-                create::create_vhd(
-                    &p,
-                    &VhdOptions {
-                        size,
-                        block_size: bs,
-                        fixed: s.fixed_base,
-                    },
-                )
-                .unwrap();
-            }
+            let o = create::CreateOptions {
+                size: Some(size),
+                block_size: Some(bs),
+                fixed: s.fixed_base,
+                ..Default::default()
+            };
+            create::create(&p, &o).unwrap();
         } else {
             create::create_child(&p, &paths[i - 1], Some(bs)).unwrap();
         }
@@ -121,15 +106,9 @@ fn build_with(s: &Scenario, dir: &Path, extra: usize) -> PathBuf {
 /// Leaves a live VHDX log in the file: one entry that rewrites the first
 /// BAT page with its own contents, and the header's LogGuid set.
 fn make_dirty(path: &Path) {
-    use vhdmerge::format::vhdx::{HEADER_OFFSETS, header::Header, log};
+    use vhdmerge::format::vhdx::{HEADER_OFFSETS, log};
     let mut f = std::fs::read(path).unwrap();
-    let h0 = Header::decode(&f[HEADER_OFFSETS[0] as usize..][..4096]).unwrap();
-    let h1 = Header::decode(&f[HEADER_OFFSETS[1] as usize..][..4096]).unwrap();
-    let (mut h, slot) = if h0.sequence > h1.sequence {
-        (h0, 1)
-    } else {
-        (h1, 0)
-    };
+    let (mut h, slot) = common::header_to_replace(&f);
     let g = uuid::Uuid::from_u128(0x1234);
     let bat = (3u64 << 20) as usize;
     let entry = log::encode_entry(
@@ -343,6 +322,12 @@ fn modes(state: &Files, ancestor: &str) -> &'static [bool] {
     }
 }
 
+/// The file name of the merge's ancestor.
+fn ancestor_name(s: &Scenario, o: &MergeOptions) -> String {
+    let base = Path::new(if s.vhdx { "l0.vhdx" } else { "l0.vhd" });
+    name(o.into.as_deref().unwrap_or(base))
+}
+
 fn explore(s: &Scenario, p: Params) -> Totals {
     vhdmerge::guid::set_seed(Some(4242));
     let pristine = tempfile::tempdir().unwrap();
@@ -363,12 +348,7 @@ fn explore(s: &Scenario, p: Params) -> Totals {
     r.unwrap();
     let files = work.read();
     let finished = Finished::of(work.path(), files);
-    let ancestor =
-        name(
-            o.into
-                .as_deref()
-                .unwrap_or(Path::new(if s.vhdx { "l0.vhdx" } else { "l0.vhd" })),
-        );
+    let ancestor = ancestor_name(s, &o);
     let mut rng = Rng(99);
     let mut totals = Totals {
         states: 0,
@@ -740,12 +720,7 @@ fn faults_at_every_operation_abort_cleanly() {
         let (_, count) = trace::stop();
         let files = work.read();
         let finished = Finished::of(work.path(), files);
-        let ancestor =
-            name(
-                o.into
-                    .as_deref()
-                    .unwrap_or(Path::new(if s.vhdx { "l0.vhdx" } else { "l0.vhd" })),
-            );
+        let ancestor = ancestor_name(&s, &o);
         for at in 0..count {
             for fault in [Fault::EioOnce, Fault::EioPersistent, Fault::NoSpace] {
                 work.set(&start);

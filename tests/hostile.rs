@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
+use vhdmerge::disk::create::{self, VhdOptions};
 use vhdmerge::format::vhd::DYN_HEADER_FIELDS as VHD_DYNAMIC_HEADER_FIELDS;
 use vhdmerge::format::vhdx::header::FIELDS as VHDX_HEADER_FIELDS;
 use vhdmerge::{Chain, ChainOptions};
@@ -245,15 +245,7 @@ fn make_chain(dir: &Path, vhdx: bool) -> (PathBuf, PathBuf) {
         (dir.join("b.vhd"), dir.join("c.avhd"))
     };
     if vhdx {
-        create::create_vhdx(
-            &b,
-            &VhdxOptions {
-                virtual_size: 8 << 20,
-                block_size: 1 << 20,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        common::new_vhdx(&b, 8 << 20, 1 << 20);
     } else {
         create::create_vhd(
             &b,

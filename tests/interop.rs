@@ -209,15 +209,7 @@ fn chains_made_by_vhdmerge_read_alike_in_dissect_and_libvhdi() {
     let base = dir.path().join("base.vhdx");
     let c1 = dir.path().join("c1.avhdx");
     let c2 = dir.path().join("c2.avhdx");
-    create::create_vhdx(
-        &base,
-        &VhdxOptions {
-            virtual_size: 80 << 20,
-            block_size: 4 << 20,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    common::new_vhdx(&base, 80 << 20, 4 << 20);
     scribble(&base, &mut rng, 8, 512);
     create::create_child(&c1, &base, Some(1 << 20)).unwrap();
     scribble(&c1, &mut rng, 8, 512);
@@ -245,14 +237,7 @@ fn chains_made_by_vhdmerge_read_alike_in_dissect_and_libvhdi() {
     let vbase = dir.path().join("base.vhd");
     let v1 = dir.path().join("c1.avhd");
     let v2 = dir.path().join("c2.avhd");
-    create::create_vhd(
-        &vbase,
-        &VhdOptions {
-            size: 50 << 20,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    common::new_vhd(&vbase, 50 << 20);
     scribble(&vbase, &mut rng, 8, 4096);
     create::create_child(&v1, &vbase, None).unwrap();
     scribble(&v1, &mut rng, 8, 4096);

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Rng;
-use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
+use vhdmerge::disk::create::{self, VhdOptions};
 use vhdmerge::{Chain, ChainOptions};
 
 fn file_digest(p: &Path) -> String {
@@ -37,15 +37,7 @@ fn build(dir: &Path, vhdx: bool) -> (PathBuf, PathBuf) {
         (dir.join("base.vhd"), dir.join("child.avhd"))
     };
     if vhdx {
-        create::create_vhdx(
-            &base,
-            &VhdxOptions {
-                virtual_size: size,
-                block_size: 2 << 20,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        common::new_vhdx(&base, size, 2 << 20);
     } else {
         create::create_vhd(
             &base,

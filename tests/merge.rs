@@ -268,15 +268,7 @@ fn fixed_and_differencing_ancestors() {
     }
     // A differencing ancestor stays differencing and keeps showing its parent.
     let base = dir.path().join("b.vhdx");
-    create::create_vhdx(
-        &base,
-        &VhdxOptions {
-            virtual_size: 16 << 20,
-            block_size: 1 << 20,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    common::new_vhdx(&base, 16 << 20, 1 << 20);
     let mut c = common::open_writable(&base);
     c.write(0, &vec![0x55; 16 << 20]).unwrap();
     c.close().unwrap();
@@ -645,15 +637,7 @@ fn refusals_leave_every_byte_alone() {
     let bs = 256u64 << 20;
     let blocks = (free / bs + 2).min((64u64 << 40) / bs);
     let big = dir.path().join("big.vhdx");
-    create::create_vhdx(
-        &big,
-        &VhdxOptions {
-            virtual_size: blocks * bs,
-            block_size: bs,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    common::new_vhdx(&big, blocks * bs, bs);
     let bigc = dir.path().join("big.avhdx");
     create::create_child(&bigc, &big, None).unwrap();
     let mut c = common::open_writable(&bigc);

@@ -9,20 +9,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
+use vhdmerge::disk::create::{self};
 
 fn vhdx_chain(dir: &Path) -> (PathBuf, PathBuf) {
     let b = dir.join("b.vhdx");
     let c = dir.join("c.avhdx");
-    create::create_vhdx(
-        &b,
-        &VhdxOptions {
-            virtual_size: 8 << 20,
-            block_size: 1 << 20,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    common::new_vhdx(&b, 8 << 20, 1 << 20);
     create::create_child(&c, &b, None).unwrap();
     let mut ch = common::open_writable(&c);
     ch.write(4096, &[9u8; 8192]).unwrap();
@@ -63,15 +55,7 @@ fn parent_with_the_wrong_identity() {
     let d = tempfile::tempdir().unwrap();
     let (b, c) = vhdx_chain(d.path());
     std::fs::remove_file(&b).unwrap();
-    create::create_vhdx(
-        &b,
-        &VhdxOptions {
-            virtual_size: 8 << 20,
-            block_size: 1 << 20,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    common::new_vhdx(&b, 8 << 20, 1 << 20);
     refused(
         d.path(),
         &c,
@@ -102,14 +86,7 @@ fn virtual_size_mismatch() {
     let d = tempfile::tempdir().unwrap();
     let b = d.path().join("b.vhd");
     let c = d.path().join("c.avhd");
-    create::create_vhd(
-        &b,
-        &VhdOptions {
-            size: 8 << 20,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    common::new_vhd(&b, 8 << 20);
     create::create_child(&c, &b, None).unwrap();
     // Shrink the parent's footer size (both copies, checksums fixed).
     let len = std::fs::metadata(&b).unwrap().len();
@@ -156,17 +133,11 @@ fn unknown_required_metadata() {
 
 #[test]
 fn a_log_that_does_not_replay() {
-    use vhdmerge::format::vhdx::{HEADER_OFFSETS, header::Header, log};
+    use vhdmerge::format::vhdx::{HEADER_OFFSETS, log};
     let d = tempfile::tempdir().unwrap();
     let (b, _) = vhdx_chain(d.path());
     let mut f = std::fs::read(&b).unwrap();
-    let h0 = Header::decode(&f[HEADER_OFFSETS[0] as usize..][..4096]).unwrap();
-    let h1 = Header::decode(&f[HEADER_OFFSETS[1] as usize..][..4096]).unwrap();
-    let (mut h, slot) = if h0.sequence > h1.sequence {
-        (h0, 1)
-    } else {
-        (h1, 0)
-    };
+    let (mut h, slot) = common::header_to_replace(&f);
     let g = uuid::Uuid::from_u128(77);
     // An entry that says the file was larger than it is: it was truncated.
     let page = vec![0u8; 4096];

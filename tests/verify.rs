@@ -6,7 +6,7 @@ use std::path::Path;
 
 use common::*;
 use vhdmerge::disk::Extent;
-use vhdmerge::disk::create::{self, VhdOptions, VhdxOptions};
+use vhdmerge::disk::create::{self};
 
 fn content(path: &Path) -> String {
     let out = ok(&["hash", path.to_str().unwrap()]);
@@ -31,15 +31,7 @@ fn content_digest_ignores_format_block_size_and_chain_shape() {
     let mut rng = Rng(3);
     let size = 40u64 << 20;
     let base = dir.path().join("base.vhdx");
-    create::create_vhdx(
-        &base,
-        &VhdxOptions {
-            virtual_size: size,
-            block_size: 2 << 20,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    common::new_vhdx(&base, size, 2 << 20);
     let child = dir.path().join("child.avhdx");
     {
         let mut c = common::open_writable(&base);
@@ -58,34 +50,19 @@ fn content_digest_ignores_format_block_size_and_chain_shape() {
     let want = content(&child);
     assert_eq!(content(&raw), want, "raw export");
     let copies = [
-        ("v1m.vhdx", true, 1u64 << 20),
-        ("v256m.vhdx", true, 256 << 20),
-        ("d2m.vhd", false, 2 << 20),
-        ("d512k.vhd", false, 512 << 10),
+        ("v1m.vhdx", 1u64 << 20),
+        ("v256m.vhdx", 256 << 20),
+        ("d2m.vhd", 2 << 20),
+        ("d512k.vhd", 512 << 10),
     ];
-    for (name, vhdx, bs) in copies {
+    for (name, bs) in copies {
         let p = dir.path().join(name);
-        if vhdx {
-            create::create_vhdx(
-                &p,
-                &VhdxOptions {
-                    virtual_size: size,
-                    block_size: bs,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-        } else {
-            create::create_vhd(
-                &p,
-                &VhdOptions {
-                    size,
-                    block_size: bs,
-                    fixed: false,
-                },
-            )
-            .unwrap();
-        }
+        let o = create::CreateOptions {
+            size: Some(size),
+            block_size: Some(bs),
+            ..Default::default()
+        };
+        create::create(&p, &o).unwrap();
         fill_from_raw(&raw, &p);
         assert_eq!(content(&p), want, "{name}");
     }
@@ -120,24 +97,9 @@ fn verify_names_the_corrupted_range() {
     for (name, vhdx) in [("a.vhdx", true), ("a.vhd", false)] {
         let p = dir.path().join(name);
         if vhdx {
-            create::create_vhdx(
-                &p,
-                &VhdxOptions {
-                    virtual_size: 64 << 20,
-                    block_size: 4 << 20,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+            common::new_vhdx(&p, 64 << 20, 4 << 20);
         } else {
-            create::create_vhd(
-                &p,
-                &VhdOptions {
-                    size: 64 << 20,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+            common::new_vhd(&p, 64 << 20);
         }
         {
             let mut c = common::open_writable(&p);
@@ -199,15 +161,7 @@ fn check_fails(path: &Path, needle: &str) {
 fn check_names_damaged_structures() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.vhdx");
-    create::create_vhdx(
-        &base,
-        &VhdxOptions {
-            virtual_size: 32 << 20,
-            block_size: 1 << 20,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    common::new_vhdx(&base, 32 << 20, 1 << 20);
     {
         let mut c = common::open_writable(&base);
         c.write(0, &[1u8; 3 << 20]).unwrap();
@@ -263,14 +217,7 @@ fn check_names_damaged_structures() {
     check_fails(&c2, "sector bitmap");
     // A VHD footer with a wrong checksum, and the copy at offset 0 differing.
     let vhd = dir.path().join("d.vhd");
-    create::create_vhd(
-        &vhd,
-        &VhdOptions {
-            size: 8 << 20,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    common::new_vhd(&vhd, 8 << 20);
     let len = std::fs::metadata(&vhd).unwrap().len();
     flip(&vhd, len - 512 + 30);
     check_fails(&vhd, "checksum");

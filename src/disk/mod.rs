@@ -255,6 +255,30 @@ pub fn open_layer(path: &Path, writable: bool) -> Result<Box<dyn Layer>> {
     open_layer_with(path, Box::new(io), writable)
 }
 
+/// The folder relative locators start from: the child's own ("" for a
+/// bare file name, so that candidates keep the spelling they were given).
+fn locator_folder(child: &Path) -> PathBuf {
+    child.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Calls `f` with each piece of `data` (written at guest `offset`) that
+/// lies in one block of `block_size` bytes, in order.
+fn by_block(
+    offset: u64,
+    data: &[u8],
+    block_size: u64,
+    mut f: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let off = offset + done as u64;
+        let n = ((block_size - off % block_size) as usize).min(data.len() - done);
+        f(off, &data[done..done + n])?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// Opens `path`'s chain, or the file alone as a raw disk when its content
 /// is neither VHD nor VHDX (`hash` and `verify` accept raw exports).
 pub fn open_any(path: &Path, opts: &ChainOptions) -> Result<Chain> {

@@ -516,14 +516,7 @@ impl Layer for VhdDisk {
             return self.src.write(data, offset, "disk data");
         }
         let bs = self.block_size();
-        let mut done = 0usize;
-        while done < data.len() {
-            let off = offset + done as u64;
-            let n = ((bs - off % bs) as usize).min(data.len() - done);
-            self.write_block(off, &data[done..done + n])?;
-            done += n;
-        }
-        Ok(())
+        super::by_block(offset, data, bs, |off, piece| self.write_block(off, piece))
     }
 
     fn commit(&mut self) -> Result<()> {
@@ -542,12 +535,7 @@ impl Layer for VhdDisk {
             return None;
         }
         let h = self.header.as_ref()?;
-        let dir = self
-            .src
-            .path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
+        let dir = super::locator_folder(&self.src.path);
         let mut candidates: Vec<(String, PathBuf)> = Vec::new();
         let mut by_code: Vec<(&[u8; 4], String)> = Vec::new();
         for l in &h.locators {

@@ -258,6 +258,34 @@ pub fn folder_views(dir: &Path) -> std::collections::BTreeMap<String, String> {
     v
 }
 
+/// A VHDX file's current header, and the slot a header update writes
+/// (the other one), chosen as the library chooses.
+pub fn header_to_replace(file: &[u8]) -> (vhdmerge::format::vhdx::header::Header, usize) {
+    use vhdmerge::format::vhdx::{HEADER_OFFSETS, header};
+    let slots = HEADER_OFFSETS.map(|o| header::Header::decode(&file[o as usize..][..header::SIZE]));
+    let cur = header::current(&slots).expect("a current header");
+    (slots[cur].clone().unwrap(), 1 - cur)
+}
+
+/// A new dynamic VHDX of `size` bytes with `block_size` blocks.
+pub fn new_vhdx(path: &Path, size: u64, block_size: u64) {
+    let o = vhdmerge::disk::create::VhdxOptions {
+        virtual_size: size,
+        block_size,
+        ..Default::default()
+    };
+    vhdmerge::disk::create::create_vhdx(path, &o).unwrap();
+}
+
+/// A new dynamic VHD of `size` bytes (2 MiB blocks).
+pub fn new_vhd(path: &Path, size: u64) {
+    let o = vhdmerge::disk::create::VhdOptions {
+        size,
+        ..Default::default()
+    };
+    vhdmerge::disk::create::create_vhd(path, &o).unwrap();
+}
+
 /// Opens the chain whose top is `path` for writing.
 pub fn open_writable(path: impl AsRef<Path>) -> vhdmerge::Chain {
     vhdmerge::Chain::open(

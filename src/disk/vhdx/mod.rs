@@ -362,14 +362,7 @@ impl VhdxDisk {
         let Some((len, what)) = self.entry_extent(i, is_sb)? else {
             return Ok(None);
         };
-        let bad = |detail: String| {
-            Err(Error::corrupt(
-                &self.src.path,
-                "BAT entry",
-                self.bat_region.file_offset + i * 8,
-                detail,
-            ))
-        };
+        let bad = |detail: String| Err(self.bat_fault(i, detail));
         let off = bat::offset(e);
         if off < MIB {
             return bad(format!(
@@ -396,18 +389,21 @@ impl VhdxDisk {
         Ok(Some((off, len, what)))
     }
 
+    /// BAT entry `i` is wrong in the way `detail` says.
+    fn bat_fault(&self, i: u64, detail: String) -> Error {
+        Error::corrupt(
+            &self.src.path,
+            "BAT entry",
+            self.bat_region.file_offset + i * 8,
+            detail,
+        )
+    }
+
     /// The bytes an entry's state says it holds in the file (`None` when
     /// it holds none), or why the state is not allowed there.
     fn entry_extent(&self, i: u64, is_sb: bool) -> Result<Option<(u64, &'static str)>> {
         let st = bat::state(self.bat[i as usize]);
-        let bad = |detail: String| {
-            Err(Error::corrupt(
-                &self.src.path,
-                "BAT entry",
-                self.bat_region.file_offset + i * 8,
-                detail,
-            ))
-        };
+        let bad = |detail: String| Err(self.bat_fault(i, detail));
         if is_sb {
             return match st {
                 bat::SB_NOT_PRESENT => Ok(None),
@@ -560,14 +556,7 @@ impl Layer for VhdxDisk {
         self.start_session(true)?;
         self.change_data_guid()?;
         let bs = self.geo.block_size;
-        let mut done = 0usize;
-        while done < data.len() {
-            let off = offset + done as u64;
-            let n = ((bs - off % bs) as usize).min(data.len() - done);
-            self.write_block(off, &data[done..done + n])?;
-            done += n;
-        }
-        Ok(())
+        super::by_block(offset, data, bs, |off, piece| self.write_block(off, piece))
     }
 
     fn commit(&mut self) -> Result<()> {
@@ -602,12 +591,7 @@ impl Layer for VhdxDisk {
             return None;
         }
         let loc = self.locator.as_ref()?;
-        let dir = self
-            .src
-            .path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
+        let dir = super::locator_folder(&self.src.path);
         let mut candidates: Vec<(String, PathBuf)> = Vec::new();
         if let Some(rel) = loc.get("relative_path") {
             candidates.push(("relative_path".into(), dir.join(rel.replace('\\', "/"))));
