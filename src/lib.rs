@@ -10,6 +10,15 @@
 //! finds a pending journal, decides from its state (`journal::State`,
 //! `recover::decide`) and resumes, finishes or rolls back the merge.
 //! `journal-format.md` specifies the bytes and the crash argument.
+//!
+//! `scan` reads whole folders: the files by content, the forest of
+//! chains linked as `merge` links them, what is wrong, and a plan of
+//! merges (`docs/scan.md`).
+//!
+//! `failpoint` names the points where tests stop a real process; the
+//! `testing` feature adds `io::trace` (recording and fault injection) and
+//! `fuzzing`, which only the tests and `fuzz/` use. The `vhdmerge` binary
+//! (`src/main.rs`, `src/cli/`) is a thin layer over this library.
 
 pub mod disk;
 pub mod error;

@@ -153,9 +153,8 @@ const WRITEBACK_EVERY: u64 = 8 << 20;
 /// at memory speed and then stalls for seconds in fdatasync while the disk,
 /// idle until then, catches up. Started at once, write-back overlaps the
 /// copy: the disk is busy from the first percent, the copy follows its
-/// speed, and the batch's fdatasync finds little left to write
-/// (with 4 GiB batches, BENCHMARKS.md session 11: 2 GiB merged with `--keep`
-/// in 6.3–6.9 s instead of about 10 s).
+/// speed, and the batch's fdatasync finds little left to write (measured
+/// in BENCHMARKS.md).
 ///
 /// This is pacing, never ordering: it neither flushes metadata nor the
 /// device cache, so what is durable when is still decided by fdatasync
