@@ -12,8 +12,9 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::failpoint::{Failpoint, failpoint};
 use crate::journal::{self, Begin, Record, Role, State, Writer};
-use crate::merge::{self, MergeOptions, preflight};
-use crate::transaction::{self, mark_rollback, redo, restore, rollback_all};
+use crate::merge::preflight::{self, Locks};
+use crate::merge::{self, MergeOptions};
+use crate::transaction::{self, Transaction, mark_rollback, redo, restore, rollback_all};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -167,6 +168,12 @@ pub fn recover_journal(
     report.torn_tail = loaded.torn_tail;
     report.before_images = loaded.records.iter().filter(|r| r.kind() == 2).count() as u64;
     let writer = Arc::new(Mutex::new(Writer::reopen(jpath, &loaded)?));
+    let pending = Pending {
+        jpath,
+        begin: &begin,
+        paths: &paths,
+        records: &loaded.records,
+    };
     match action {
         Action::Rollback { mark } => {
             if mark {
@@ -174,29 +181,9 @@ pub fn recover_journal(
             }
             rollback_all(jpath, &begin, &paths, &loaded.records)?
         }
-        Action::Finish => {
-            report.redone_runs = redo(&writer, &begin, &paths, &loaded.records)?;
-            transaction::cleanup(
-                &writer,
-                jpath,
-                &transaction::merged_sources(&begin, &paths)
-                    .into_values()
-                    .cloned()
-                    .collect::<Vec<_>>(),
-                begin.keep,
-            )?;
-            report.outcome = Outcome::Finished;
-        }
+        Action::Finish => pending.finish(&writer, &mut report)?,
         Action::Resume => {
-            let mut tx = transaction::Transaction {
-                journal: writer,
-                jpath: jpath.to_path_buf(),
-                files: paths.clone(),
-                ancestor: paths[0].clone(),
-                relinked: transaction::relinked_of(&begin, &paths),
-                locks,
-                keep: begin.keep,
-            };
+            let mut tx = pending.transaction(writer, locks);
             resume(
                 &mut tx,
                 &begin,
@@ -210,6 +197,43 @@ pub fn recover_journal(
         Action::RefuseRollback => unreachable!("refused above"),
     }
     Ok(report)
+}
+
+/// A journal being recovered: its Begin, the files it names (resolved
+/// from its folder) and its records.
+struct Pending<'a> {
+    jpath: &'a Path,
+    begin: &'a Begin,
+    paths: &'a [PathBuf],
+    records: &'a [Record],
+}
+
+impl Pending<'_> {
+    /// A committed merge: copies whose write was lost are made again,
+    /// then the merged files and the journal go.
+    fn finish(&self, writer: &Arc<Mutex<Writer>>, report: &mut RecoverReport) -> Result<()> {
+        report.redone_runs = redo(writer, self.begin, self.paths, self.records)?;
+        let merged: Vec<PathBuf> = transaction::merged_sources(self.begin, self.paths)
+            .into_values()
+            .cloned()
+            .collect();
+        transaction::cleanup(writer, self.jpath, &merged, self.begin.keep)?;
+        report.outcome = Outcome::Finished;
+        Ok(())
+    }
+
+    /// The transaction a resume continues.
+    fn transaction(&self, journal: Arc<Mutex<Writer>>, locks: Locks) -> Transaction {
+        Transaction {
+            journal,
+            jpath: self.jpath.to_path_buf(),
+            files: self.paths.to_vec(),
+            ancestor: self.paths[0].clone(),
+            relinked: transaction::relinked_of(self.begin, self.paths),
+            locks,
+            keep: self.begin.keep,
+        }
+    }
 }
 
 /// Continues a merge from its last checkpoint: checks that the merged

@@ -467,14 +467,43 @@ fn write_vhd(
             format!("VHD block size {bs} is not a power of two from 512 bytes to 256 MiB"),
         ));
     }
+    let footer = new_footer(size, kind);
+    if kind == fv::TYPE_FIXED {
+        return w(&footer.encode(), size);
+    }
+    let entries = size.div_ceil(bs);
+    let mut header = DynHeader {
+        data_offset: u64::MAX,
+        table_offset: 512 + 1024,
+        version: 0x0001_0000,
+        max_table_entries: entries as u32,
+        block_size: bs as u32,
+        checksum: 0,
+        parent_unique_id: Uuid::nil(),
+        parent_timestamp: 0,
+        parent_name: String::new(),
+        locators: Vec::new(),
+    };
+    if let Some((p, ppath)) = parent {
+        header.table_offset = write_locators(&w, &mut header, path, p, ppath)?;
+    }
+    let table_len = (entries * 4).next_multiple_of(512);
+    w(&vec![0xFF; table_len as usize], header.table_offset)?;
+    let fb = footer.encode();
+    w(&fb, 0)?;
+    w(&header.encode(), 512)?;
+    w(&fb, header.table_offset + table_len)
+}
+
+/// A footer for a new disk of `size` bytes and type `kind`.
+fn new_footer(size: u64, kind: u32) -> Footer {
     let (c, h, s) = fv::geometry(size);
-    let mut footer = Footer {
+    Footer {
         features: 2,
         version: 0x0001_0000,
-        data_offset: if kind == fv::TYPE_FIXED {
-            u64::MAX
-        } else {
-            512
+        data_offset: match kind == fv::TYPE_FIXED {
+            true => u64::MAX,
+            false => 512,
         },
         timestamp: timestamp_now(),
         creator_app: *b"vhdm",
@@ -489,58 +518,40 @@ fn write_vhd(
         checksum: 0,
         unique_id: crate::guid::fresh(),
         saved_state: 0,
-    };
-    if kind == fv::TYPE_FIXED {
-        w(&footer.encode(), size)?;
-        return Ok(());
     }
-    let entries = size.div_ceil(bs);
-    let mut locators = Vec::new();
-    let mut pos = 512 + 1024;
-    let mut parent_uid = Uuid::nil();
-    let mut parent_name = String::new();
-    if let Some((p, ppath)) = parent {
-        parent_uid = p.footer.unique_id;
-        parent_name = ppath
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let rel = relative_win_path(path, ppath);
-        let abs = format!("C:\\{parent_name}");
-        for (code, text) in [(*b"W2ku", abs), (*b"W2ru", rel)] {
-            let data: Vec<u8> = text.encode_utf16().flat_map(u16::to_le_bytes).collect();
-            let space = (data.len() as u64).next_multiple_of(512);
-            w(&data, pos)?;
-            locators.push(Locator {
-                code,
-                data_space: (space / 512) as u32,
-                data_length: data.len() as u32,
-                data_offset: pos,
-            });
-            pos += space;
-        }
-        footer.creator_os = *b"Wi2k";
+}
+
+/// Names the parent in a new child's header (unique id, name) and writes
+/// its W2ku and W2ru locators after the header; returns where the BAT
+/// goes, after them.
+fn write_locators(
+    w: &dyn Fn(&[u8], u64) -> Result<()>,
+    header: &mut DynHeader,
+    path: &Path,
+    parent: &VhdDisk,
+    ppath: &Path,
+) -> Result<u64> {
+    header.parent_unique_id = parent.footer.unique_id;
+    header.parent_name = ppath
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let rel = relative_win_path(path, ppath);
+    let abs = format!("C:\\{}", header.parent_name);
+    let mut pos = header.table_offset;
+    for (code, text) in [(*b"W2ku", abs), (*b"W2ru", rel)] {
+        let data: Vec<u8> = text.encode_utf16().flat_map(u16::to_le_bytes).collect();
+        let space = (data.len() as u64).next_multiple_of(512);
+        w(&data, pos)?;
+        header.locators.push(Locator {
+            code,
+            data_space: (space / 512) as u32,
+            data_length: data.len() as u32,
+            data_offset: pos,
+        });
+        pos += space;
     }
-    let table_offset = pos;
-    let header = DynHeader {
-        data_offset: u64::MAX,
-        table_offset,
-        version: 0x0001_0000,
-        max_table_entries: entries as u32,
-        block_size: bs as u32,
-        checksum: 0,
-        parent_unique_id: parent_uid,
-        parent_timestamp: 0,
-        parent_name,
-        locators,
-    };
-    let table_len = (entries * 4).next_multiple_of(512);
-    w(&vec![0xFF; table_len as usize], table_offset)?;
-    let fb = footer.encode();
-    w(&fb, 0)?;
-    w(&header.encode(), 512)?;
-    w(&fb, table_offset + table_len)?;
-    Ok(())
+    Ok(pos)
 }
 
 /// The kind a new disk will have, for messages.

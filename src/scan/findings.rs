@@ -221,71 +221,16 @@ fn link_finding(
     pending: Option<&JournalReport>,
 ) -> Option<Finding> {
     let child = &f.nodes[i].path;
-    let found = link.parent.as_deref().map(|p| p.display().to_string());
-    let (kind, mut message) = match link.status {
-        LinkStatus::Ok => return None,
-        LinkStatus::ByFileName => {
-            return Some(Finding::new(
-                Severity::Warning,
-                "parent_by_file_name",
-                child,
-                format!(
-                    "its parent {} was found only by file name ({}); the locator paths {} do not lead to it. `merge` follows the same fallback, other tools may not",
-                    found.unwrap_or_default(),
-                    link.found_by.as_deref().unwrap_or_default(),
-                    list(&link.tried)
-                ),
-                vec![],
-            ));
-        }
-        LinkStatus::Missing => (
-            "parent_missing",
-            format!(
-                "its parent is missing: no locator leads to a file (looked at {}); it expects {}",
-                list(&link.tried),
-                link.expected
-            ),
-        ),
-        LinkStatus::WrongIdentity => (
-            "parent_wrong_identity",
-            format!(
-                "the locator ({}) leads to {}, which has {} but the child expects {}: the parent was written after the child was made (merged into, or started as a VM), or it is another disk of the same name",
-                link.found_by.as_deref().unwrap_or_default(),
-                found.unwrap_or_default(),
-                link.found.as_deref().unwrap_or_default(),
-                link.expected
-            ),
-        ),
-        LinkStatus::Mismatch => {
-            let mixed = link.detail.as_deref().is_some_and(|d| d.contains("mix"));
-            (
-                if mixed {
-                    "mixed_formats"
-                } else {
-                    "parent_mismatch"
-                },
-                format!(
-                    "cannot chain to {}: {}",
-                    found.unwrap_or_default(),
-                    link.detail.as_deref().unwrap_or_default()
-                ),
-            )
-        }
-        LinkStatus::Unreadable => (
-            "parent_unreadable",
-            format!(
-                "its parent {} cannot be opened: {}",
-                found.unwrap_or_default(),
-                link.detail.as_deref().unwrap_or_default()
-            ),
-        ),
-        LinkStatus::Loop => (
-            "loop",
-            link.detail
-                .clone()
-                .unwrap_or_else(|| "the chain loops".into()),
-        ),
-    };
+    let (kind, mut message) = describe_link(link)?;
+    if link.status == LinkStatus::ByFileName {
+        return Some(Finding::new(
+            Severity::Warning,
+            kind,
+            child,
+            message,
+            vec![],
+        ));
+    }
     let mut commands = vec![];
     if let Some(j) = pending {
         message.push_str(&format!(
@@ -300,16 +245,9 @@ fn link_finding(
             ". {} has the identity it expects: name it with --parent",
             p.display()
         ));
-        commands.push(format!(
-            "vhdmerge info {} --parent {} --chain",
-            quote(child),
-            quote(p)
-        ));
-        commands.push(format!(
-            "vhdmerge merge {} --parent {}",
-            quote(child),
-            quote(p)
-        ));
+        let (c, p) = (quote(child), quote(p));
+        commands.push(format!("vhdmerge info {c} --parent {p} --chain"));
+        commands.push(format!("vhdmerge merge {c} --parent {p}"));
     } else {
         message.push_str(
             ". No scanned file has that identity: restore the parent from a backup or name it with --parent",
@@ -322,6 +260,53 @@ fn link_finding(
         message,
         commands,
     ))
+}
+
+/// A finding's kind and what it says of a link, or `None` for a link that
+/// is fine.
+fn describe_link(link: &ParentLink) -> Option<(&'static str, String)> {
+    let found = link.parent.as_deref().map(|p| p.display().to_string());
+    let found = found.unwrap_or_default();
+    let how = link.found_by.as_deref().unwrap_or_default();
+    let detail = link.detail.as_deref().unwrap_or_default();
+    Some(match link.status {
+        LinkStatus::Ok => return None,
+        LinkStatus::ByFileName => (
+            "parent_by_file_name",
+            format!(
+                "its parent {found} was found only by file name ({how}); the locator paths {} do not lead to it. `merge` follows the same fallback, other tools may not",
+                list(&link.tried)
+            ),
+        ),
+        LinkStatus::Missing => (
+            "parent_missing",
+            format!(
+                "its parent is missing: no locator leads to a file (looked at {}); it expects {}",
+                list(&link.tried),
+                link.expected
+            ),
+        ),
+        LinkStatus::WrongIdentity => (
+            "parent_wrong_identity",
+            format!(
+                "the locator ({how}) leads to {found}, which has {} but the child expects {}: the parent was written after the child was made (merged into, or started as a VM), or it is another disk of the same name",
+                link.found.as_deref().unwrap_or_default(),
+                link.expected
+            ),
+        ),
+        LinkStatus::Mismatch => (
+            match detail.contains("mix") {
+                true => "mixed_formats",
+                false => "parent_mismatch",
+            },
+            format!("cannot chain to {found}: {detail}"),
+        ),
+        LinkStatus::Unreadable => (
+            "parent_unreadable",
+            format!("its parent {found} cannot be opened: {detail}"),
+        ),
+        LinkStatus::Loop => ("loop", detail.to_string()),
+    })
 }
 
 /// Files whose size or modification time changed while the scan ran.
