@@ -168,6 +168,13 @@ pub trait Layer: Send + Sync {
     fn pending_metadata(&self) -> u64 {
         0
     }
+    /// Whether the file bytes at `file_offset` (where `map` put data) are
+    /// stored, or a hole of the file that reads as zeros, and for how many
+    /// of `len` bytes (at least one). Readers skip the holes a block keeps
+    /// for sectors never written. Default: all stored.
+    fn stored(&self, _file_offset: u64, len: u64) -> Result<(bool, u64)> {
+        Ok((true, len))
+    }
     /// VHDX log entries that a read-only open replayed in memory only: the
     /// file on disk still needs them (it was not closed cleanly).
     fn unreplayed_log_entries(&self) -> usize {

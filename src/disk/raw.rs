@@ -45,18 +45,16 @@ impl Layer for RawDisk {
         let n = len
             .min(UNIT - offset % UNIT)
             .min(self.size.saturating_sub(offset));
-        let io = |e| Error::io(&self.src.path, "looking for holes", e);
-        match self.src.io.next_data(offset).map_err(io)? {
-            Some(d) if d <= offset => {
-                let hole = self.src.io.next_hole(offset).map_err(io)?;
-                Ok((
-                    Extent::Data(offset),
-                    n.min(hole.saturating_sub(offset)).max(1),
-                ))
-            }
-            Some(d) => Ok((Extent::Zero, n.min(d - offset))),
-            None => Ok((Extent::Zero, n)),
-        }
+        let (stored, n) = crate::io::stored_run(self.src.io.as_ref(), offset, n)
+            .map_err(|e| Error::io(&self.src.path, "looking for holes", e))?;
+        Ok((
+            if stored {
+                Extent::Data(offset)
+            } else {
+                Extent::Zero
+            },
+            n,
+        ))
     }
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
         self.src.read(buf, file_offset, "data")

@@ -623,6 +623,11 @@ impl Layer for VhdDisk {
         })
     }
 
+    fn stored(&self, file_offset: u64, len: u64) -> Result<(bool, u64)> {
+        crate::io::stored_run(self.src.io.as_ref(), file_offset, len)
+            .map_err(|e| Error::io(&self.src.path, "looking for holes", e))
+    }
+
     fn warnings(&self) -> &[Warning] {
         &self.warnings
     }

@@ -33,6 +33,20 @@ pub trait Storage: Send + Sync {
     }
 }
 
+/// Whether the `len` bytes at `offset` start with stored data (`true`)
+/// or with a hole of the file, which reads as zeros (`false`), and how
+/// many of them are alike (at least one).
+pub fn stored_run(io: &dyn Storage, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+    match io.next_data(offset)? {
+        Some(d) if d <= offset => {
+            let hole = io.next_hole(offset)?;
+            Ok((true, len.min(hole.saturating_sub(offset)).max(1)))
+        }
+        Some(d) => Ok((false, len.min(d - offset))),
+        None => Ok((false, len)),
+    }
+}
+
 /// Boxed and shared storages delegate to what they hold.
 macro_rules! delegate_storage {
     ($t:ty) => {
