@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs the test oracles it
 # needs (Debian's qemu-utils, and libvhdi-python + dissect.hypervisor from
-# PyPI into ./.venv), checks formatting and lints, then runs every test.
+# PyPI into ./.venv) and the tools that make the XFS and btrfs file systems
+# tests/filesystems.rs loop-mounts (xfsprogs, btrfs-progs), checks
+# formatting and lints, then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! command -v qemu-img >/dev/null || ! command -v qemu-io >/dev/null; then
     echo "== installing qemu-utils"
     apt-get update -qq && apt-get install -y -qq qemu-utils >/dev/null
+fi
+
+if [ "$(id -u)" = 0 ] && { ! command -v mkfs.xfs >/dev/null || ! command -v mkfs.btrfs >/dev/null; }; then
+    echo "== installing xfsprogs and btrfs-progs"
+    apt-get update -qq && apt-get install -y -qq xfsprogs btrfs-progs >/dev/null
 fi
 
 if ! .venv/bin/python -c 'import pyvhdi, dissect.hypervisor' 2>/dev/null; then

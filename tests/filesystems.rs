@@ -1,0 +1,210 @@
+//! Merges on the file systems that can share blocks between files (XFS
+//! with reflink, btrfs), each on an image made for the test and
+//! loop-mounted: VHDX and VHD, whole and partial blocks, overwrites of the
+//! base's data, 512-byte and 4 KiB sectors. Each result must read as the
+//! child did, by our reader and by qemu-img, and pass `qemu-img check`.
+//!
+//! Needs root, loop devices and mkfs.xfs / mkfs.btrfs (`scripts/test.sh`
+//! installs xfsprogs and btrfs-progs). Without them the tests say so
+//! loudly and are skipped; under CI missing tools are a failure.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Rng, digest_of, ok, qemu_digest};
+use vhdmerge::disk::create::{self, CreateOptions};
+
+/// A file system image mounted on a folder; unmounted (and its loop
+/// device released) when dropped.
+struct Mounted {
+    at: tempfile::TempDir,
+    _image: tempfile::TempDir,
+}
+
+impl Mounted {
+    fn path(&self) -> &Path {
+        self.at.path()
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let o = Command::new("umount").arg(self.at.path()).output();
+        if !o.is_ok_and(|o| o.status.success()) {
+            // Busy (a test failed with files open): detach lazily.
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.at.path())
+                .output();
+        }
+    }
+}
+
+/// Makes and mounts a 1 GiB file system of `kind` ("xfs" or "btrfs"), or
+/// says why it cannot.
+fn mount(kind: &str) -> Option<Mounted> {
+    let mkfs = format!("mkfs.{kind}");
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let have_mkfs = Command::new(&mkfs).arg("-V").output().is_ok();
+    if !is_root || !have_mkfs {
+        let why = format!("needs root and {mkfs} (root: {is_root}, {mkfs}: {have_mkfs})");
+        if std::env::var_os("CI").is_some() {
+            panic!("{why}; scripts/test.sh installs xfsprogs and btrfs-progs");
+        }
+        eprintln!("\n*** SKIPPING the {kind} tests: {why} ***\n");
+        return None;
+    }
+    let image = tempfile::tempdir().unwrap();
+    let file = image.path().join("fs.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let args: &[&str] = match kind {
+        "xfs" => &["-q", "-m", "reflink=1"],
+        _ => &["-q"],
+    };
+    let o = Command::new(&mkfs).args(args).arg(&file).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{mkfs}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let at = tempfile::tempdir().unwrap();
+    let o = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&file)
+        .arg(at.path())
+        .output()
+        .unwrap();
+    if !o.status.success() {
+        // No loop device here (a container without them): say it loudly.
+        eprintln!(
+            "\n*** SKIPPING the {kind} tests: cannot loop-mount ({}) ***\n",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+        return None;
+    }
+    Some(Mounted { at, _image: image })
+}
+
+/// One merge case: the format (by extension), the logical sector, and the
+/// child's writes as (offset, length).
+struct Case {
+    ext: (&'static str, &'static str),
+    logical_sector: u64,
+    writes: Vec<(u64, usize)>,
+}
+
+fn cases() -> Vec<Case> {
+    // Whole blocks, a partial block, a write straddling two blocks, and
+    // overwrites of what the base holds (its first 8 MiB).
+    let writes = vec![
+        (0, 1 << 20),
+        (2 << 20, 2 << 20),
+        ((5 << 20) + 4096, 12_288),
+        ((12 << 20) - 2048, 8192),
+        (20 << 20, 8 << 20),
+        (40 << 20, 512),
+    ];
+    vec![
+        Case {
+            ext: ("vhdx", "avhdx"),
+            logical_sector: 512,
+            writes: writes.clone(),
+        },
+        Case {
+            ext: ("vhdx", "avhdx"),
+            logical_sector: 4096,
+            writes: writes.clone(),
+        },
+        Case {
+            ext: ("vhd", "avhd"),
+            logical_sector: 512,
+            writes,
+        },
+    ]
+}
+
+/// Builds base and child in `dir`, returns (base, child).
+fn build(dir: &Path, c: &Case, rng: &mut Rng) -> (PathBuf, PathBuf) {
+    let base = dir.join(format!("base.{}", c.ext.0));
+    let child = dir.join(format!("child.{}", c.ext.1));
+    let o = CreateOptions {
+        size: Some(64 << 20),
+        block_size: Some(if c.ext.0 == "vhdx" { 2 << 20 } else { 1 << 20 }),
+        logical_sector: c.logical_sector,
+        ..Default::default()
+    };
+    create::create(&base, &o).unwrap();
+    let mut w = common::open_writable(&base);
+    w.write(0, &rng.bytes(8 << 20)).unwrap();
+    w.close().unwrap();
+    drop(w);
+    create::create_child(&child, &base, Some(1 << 20)).unwrap();
+    let mut w = common::open_writable(&child);
+    for &(at, n) in &c.writes {
+        w.write(at, &rng.bytes(n)).unwrap();
+    }
+    w.close().unwrap();
+    (base, child)
+}
+
+fn merge_on(kind: &str) {
+    let Some(fs) = mount(kind) else { return };
+    if !common::need("qemu-img") {
+        return;
+    }
+    let mut rng = Rng(21);
+    for (k, c) in cases().iter().enumerate() {
+        let dir = fs.path().join(format!("case{k}"));
+        std::fs::create_dir(&dir).unwrap();
+        let (base, child) = build(&dir, c, &mut rng);
+        let want = digest_of(&child);
+        ok(&["merge", child.to_str().unwrap()]);
+        assert!(
+            !child.exists(),
+            "{kind} case {k}: the child was not removed"
+        );
+        assert_eq!(digest_of(&base), want, "{kind} case {k}: our reader");
+        let fmt = if c.ext.0 == "vhdx" { "vhdx" } else { "vpc" };
+        // qemu refuses 4 KiB logical sectors; dissect reads them.
+        let other = match c.logical_sector {
+            512 => qemu_digest(fmt, &base, &dir),
+            _ => match common::python() {
+                Some(py) => common::oracle(&py, "dissect", &[&base], &dir),
+                None => want.clone(),
+            },
+        };
+        assert_eq!(other, want, "{kind} case {k}: the independent reader");
+        if fmt == "vhdx" && c.logical_sector == 512 {
+            // qemu-img checks VHDX (with 512-byte sectors); it has no
+            // check for VHD (vpc).
+            let o = Command::new("qemu-img")
+                .args(["check", "-f", fmt])
+                .arg(&base)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{kind} case {k}: qemu-img check: {}",
+                String::from_utf8_lossy(&o.stdout)
+            );
+        }
+    }
+}
+
+#[test]
+fn merges_on_xfs_with_reflink() {
+    merge_on("xfs");
+}
+
+#[test]
+fn merges_on_btrfs() {
+    merge_on("btrfs");
+}
