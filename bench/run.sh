@@ -2,8 +2,9 @@
 # Side-by-side merge benchmark: vhdmerge merge vs qemu-img commit vs a plain
 # copy with one fsync, on the same written ranges, several rounds, medians
 # and ratios from one run; and the cost of checkpoints, and of resuming a
-# killed merge (workload r). Usage:
-#   bench/run.sh [a b c d e r]    (default: all workloads)
+# killed merge (workload r). Workloads f, g and h are the common checkpoint:
+# a child that rewrites data a full base already holds. Usage:
+#   bench/run.sh [a b c d e f g h r]    (default: all workloads)
 # Environment: BENCH_DIR (scratch folder, default /tmp/vhdmerge-bench),
 # ROUNDS (default 3). Prints a Markdown report on stdout.
 set -euo pipefail
@@ -13,7 +14,7 @@ V=$PWD/target/release/vhdmerge
 F=$PWD/target/release/examples/bench_fill
 W=${BENCH_DIR:-/tmp/vhdmerge-bench}
 ROUNDS=${ROUNDS:-3}
-WORKLOADS=${*:-a b c d e r}
+WORKLOADS=${*:-a b c d e f g h r}
 rm -rf "$W"; mkdir -p "$W"
 GiB=$((1 << 30)); MiB=$((1 << 20))
 
@@ -67,6 +68,31 @@ prepare() {
         echo $((4 * GiB)) > "$d/bytes"
         return
         ;;
+    f|g|h)
+        # An 8 GiB system disk holding 1 GiB (4 MiB at the start of every
+        # 32 MiB), and a checkpoint with 2 MiB blocks over it: (f) 2 GiB of
+        # whole 4 MiB writes, 2 MiB off the base's, so a quarter of them
+        # rewrite base data; (g) 512 MiB of scattered 4 KiB writes; (h) (f)
+        # as VHD (2 MiB blocks throughout).
+        local ext=vhdx cext=avhdx mode=whole bytes=$((2 * GiB)) shift=$((2 * MiB))
+        local bs=(--block-size 32M)
+        if [ "$wl" = h ]; then ext=vhd; cext=avhd; bs=(); fi
+        if [ "$wl" = g ]; then mode=scattered; bytes=$((512 * MiB)); shift=0; fi
+        $V --quiet create "$d/base.$ext" --size $((8 * GiB)) "${bs[@]}" > /dev/null
+        $F "$d/base.$ext" whole $((1 * GiB)) 7 /dev/null
+        $V --quiet create "$d/child.$cext" --parent "$d/base.$ext" --block-size 2M > /dev/null
+        $F "$d/child.$cext" "$mode" "$bytes" 1 "$d/cmds" "$shift"
+        echo "$bytes" > "$d/bytes"
+        # The qemu-img commit peer: an identical base under a qcow2 overlay.
+        local qf=vhdx
+        [ "$wl" = h ] && qf=vpc
+        $V --quiet create "$d/qbase.$ext" --size $((8 * GiB)) "${bs[@]}" > /dev/null
+        $F "$d/qbase.$ext" whole $((1 * GiB)) 7 /dev/null
+        qemu-img create -q -f qcow2 -b "qbase.$ext" -F "$qf" "$d/over.qcow2"
+        qemu-io -f qcow2 "$d/over.qcow2" < "$d/cmds" > /dev/null
+        head -c "$bytes" /dev/urandom > "$d/payload.raw"
+        return
+        ;;
     d)
         $V --quiet create "$d/base.vhd" --size $((4 * GiB)) > /dev/null
         $V --quiet create "$d/child.avhd" --parent "$d/base.vhd" > /dev/null
@@ -98,7 +124,8 @@ prepare() {
 merge() {
     local name=$1 wl=$2 r=$3; shift 3
     case $wl in
-        a|b|e) timed "$name" "$V" --quiet merge "$@" "$r/child.avhdx" ;;
+        a|b|e|f|g) timed "$name" "$V" --quiet merge "$@" "$r/child.avhdx" ;;
+        h) timed "$name" "$V" --quiet merge "$@" "$r/child.avhd" ;;
         c) timed "$name" "$V" --quiet merge "$@" --into "$r/l0.vhdx" "$r/l4.avhdx" ;;
         d) timed "$name" "$V" --quiet merge "$@" "$r/child.avhd" ;;
     esac
@@ -112,10 +139,12 @@ run() {
         merge "$wl-vhdmerge" "$wl" "$r" --json
         cp "$W/$wl-vhdmerge.last" "$W/$wl-report-$round.json"
         case $wl in
-            a|b) timed "$wl-qemu" qemu-img commit -q -f qcow2 "$r/over.qcow2" ;;
+            a|b|f|g|h) timed "$wl-qemu" qemu-img commit -q -f qcow2 "$r/over.qcow2" ;;
             c) timed "$wl-qemu" qemu-img commit -q -f qcow2 -b "$r/q1.qcow2" "$r/q4.qcow2" \
                  && timed "$wl-qemu1" qemu-img commit -q -f qcow2 "$r/q1.qcow2" ;;
         esac
+        # The peer's files are done with: (f) to (h) need the space.
+        rm -f "$r"/qbase.* "$r"/over.qcow2 "$r"/q[0-9].qcow2
         timed "$wl-copy" dd if="$r/payload.raw" of="$r/copy.raw" bs=4M conv=fsync status=none
         # The same merge leaving the merged files (renamed), as qemu-img
         # commit leaves its overlay: deleting a large sparse file is work
@@ -213,7 +242,7 @@ PY
 
 report() {
     local wl=$1 bytes
-    bytes=$(cat "$W/$wl/src/bytes")
+    bytes=$(cat "$W/$wl.bytes")
     local vt vr qt ct kt rt
     vt=$(awk '{print $1}' "$W/$wl-vhdmerge.times" | median)
     rt=$(awk '{print $1}' "$W/$wl-rm.times" | median)
@@ -246,11 +275,17 @@ med = lambda v: statistics.median(v) if v else float("nan")
 first, last, ratio = med(firsts), med(lasts), med(ratios)
 q = "-" if qt == "-" else f"{float(qt):.2f} s"
 ratio_q = "-" if qt == "-" else f"{vt / float(qt):.2f} / {kt / float(qt):.2f}"
-print(f"| {wl} | {size / 2**20:.0f} MiB | {vt:.2f} s | {kt:.2f} s | {rt:.2f} s | {size / vt / 1e6:.0f} MB/s | {q} | {ratio_q} | {ct:.2f} s | {vt / ct:.2f} / {kt / ct:.2f} | {vr / 1024:.1f} MiB | {r['journal_bytes'] / 2**20:.1f} MiB | {first:.0f} / {last:.0f} MB/s ({ratio:.2f}) |")
+over = r["plan"]["overwrite_bytes"]
+print(f"| {wl} | {size / 2**20:.0f} MiB ({over / size:.0%} over base data) | {vt:.2f} s | {kt:.2f} s | {rt:.2f} s | {size / vt / 1e6:.0f} MB/s | {q} | {ratio_q} | {ct:.2f} s | {vt / ct:.2f} / {kt / ct:.2f} | {vr / 1024:.1f} MiB | {r['journal_bytes'] / 2**20:.1f} MiB | {first:.0f} / {last:.0f} MB/s ({ratio:.2f}) |")
 PY
 }
 
-for wl in $WORKLOADS; do prepare "$wl"; run "$wl"; done
+# Each workload's files go once it has run: (f) to (h) take 8 GiB each.
+for wl in $WORKLOADS; do
+    prepare "$wl"; run "$wl"
+    cp "$W/$wl/src/bytes" "$W/$wl.bytes"
+    [ "$wl" = r ] || rm -rf "${W:?}/$wl"
+done
 echo "| workload | merged data | vhdmerge merge (median) | merge --keep | rm of the merged files | rate | qemu-img commit | ratio vs qemu (merge / --keep) | plain copy + fsync | ratio vs copy (merge / --keep) | vhdmerge peak RSS | journal | first / last decile (last / first) |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for wl in $WORKLOADS; do [ "$wl" = r ] || report "$wl"; done

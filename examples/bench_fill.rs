@@ -27,13 +27,7 @@ fn main() {
     )
     .unwrap();
     let size = chain.virtual_size();
-    let mut next = || {
-        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = seed;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut next = || vhdmerge::guid::splitmix64(&mut seed);
     let unit: u64 = if whole { 4 << 20 } else { 4096 };
     let count = bytes / unit;
     let mut since = 0u64;

@@ -572,6 +572,31 @@ fn a_chain_that_mixes_vhd_and_vhdx_is_named() {
 }
 
 #[test]
+fn a_loop_of_parents_is_named_and_the_scan_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut rng = Rng(13);
+    new_base(&d.join("vm.vhdx"), &mut rng);
+    let c = d.join("cur.avhdx");
+    new_child(&c, &d.join("vm.vhdx"), &mut rng);
+    // Point the child at itself, with its own DataWriteGuid as linkage.
+    let mut disk = vhdmerge::disk::vhdx::VhdxDisk::open(&c, true).unwrap();
+    let mut loc = disk.locator.clone().unwrap();
+    let own = vhdmerge::format::vhdx::metadata::braced(&disk.header().data_write_guid);
+    loc.set("parent_linkage", &own);
+    loc.set("relative_path", ".\\cur.avhdx");
+    disk.set_locator(&loc).unwrap();
+    vhdmerge::disk::Layer::close(&mut disk).unwrap();
+    drop(disk);
+    let (v, code) = scan(&[d], &[]);
+    assert_eq!(code, 2);
+    let f = finding(&v, "loop");
+    assert_eq!(name(&f["path"]), "cur.avhdx");
+    assert_eq!(file(&v, "cur.avhdx")["link"]["status"], "loop");
+    assert!(runnable(&v).is_empty(), "{v:#}");
+}
+
+#[test]
 fn subfolders_are_scanned_with_recursive() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
