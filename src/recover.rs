@@ -166,7 +166,9 @@ pub fn recover_journal(
     let locks = preflight::lock_all(&present)?;
     report.state = state.name().into();
     report.torn_tail = loaded.torn_tail;
-    report.before_images = loaded.records.iter().filter(|r| r.kind() == 2).count() as u64;
+    report.before_images = (loaded.records.iter())
+        .filter(|r| matches!(r.kind(), 2 | 9))
+        .count() as u64;
     let writer = Arc::new(Mutex::new(Writer::reopen(jpath, &loaded)?));
     let pending = Pending {
         jpath,

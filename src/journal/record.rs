@@ -83,6 +83,11 @@ pub enum Record {
     /// Version 2: every run before `next_offset` is durable in the
     /// ancestor; a crash from here on costs only the work after it.
     Checkpoint(Checkpoint),
+    /// Version 3: a before-image of `length` bytes of zeros at `offset`
+    /// (whole pages, or up to the file's length): holes of the file, or
+    /// pages that read as zeros. Same rules as `BeforeImage`, without the
+    /// bytes.
+    ZeroImage { file: u32, offset: u64, length: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +125,7 @@ impl Record {
             Record::RollbackStarted => 6,
             Record::Plan(_) => 7,
             Record::Checkpoint(_) => 8,
+            Record::ZeroImage { .. } => 9,
         }
     }
 }

@@ -99,25 +99,56 @@ impl<S: Storage> Journaled<S> {
     }
 
     /// Appends before-images of the pages in [start, end) not yet imaged
-    /// in this epoch.
+    /// in this epoch. Pages of zeros (holes of the file, which are not
+    /// read, or pages read as zeros) become one ZeroImage per run: a
+    /// checkpoint over a full base's blocks would otherwise journal the
+    /// blocks' unwritten sectors byte for byte.
     fn image(&self, st: &mut State, start: u64, end: u64) -> io::Result<()> {
         let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let mut zeros: Option<(u64, u64)> = None;
+        // The stored (not hole) run the last lookup found: (start, end).
+        let mut stored: Option<(bool, u64, u64)> = None;
         for page in start / PAGE..end.div_ceil(PAGE) {
             let (w, b) = ((page / 64) as usize, page % 64);
             if st.saved[w] >> b & 1 == 1 {
+                flush_zeros(&mut journal, self.file, &mut zeros);
                 continue;
             }
-            let off = page * PAGE;
-            let len = PAGE.min(st.start_len - off) as usize;
-            let mut data = vec![0u8; len];
-            self.inner.read_at(&mut data, off)?;
-            journal.append(&Record::BeforeImage {
-                file: self.file,
-                offset: off,
-                data,
-            });
             st.saved[w] |= 1 << b;
+            let off = page * PAGE;
+            let len = PAGE.min(st.start_len - off);
+            if !stored.is_some_and(|(_, s, e)| s <= off && off < e) {
+                let (data, n) = crate::io::stored_run(&self.inner, off, st.start_len - off)?;
+                stored = Some((data, off, off + n));
+            }
+            let hole = stored.is_some_and(|(data, _, e)| !data && off + len <= e);
+            let data = match hole {
+                true => None,
+                false => {
+                    let mut data = vec![0u8; len as usize];
+                    self.inner.read_at(&mut data, off)?;
+                    Some(data).filter(|d| d.iter().any(|&x| x != 0))
+                }
+            };
+            match data {
+                Some(data) => {
+                    flush_zeros(&mut journal, self.file, &mut zeros);
+                    journal.append(&Record::BeforeImage {
+                        file: self.file,
+                        offset: off,
+                        data,
+                    });
+                }
+                None => match &mut zeros {
+                    Some((s, l)) if *s + *l == off => *l += len,
+                    _ => {
+                        flush_zeros(&mut journal, self.file, &mut zeros);
+                        zeros = Some((off, len));
+                    }
+                },
+            }
         }
+        flush_zeros(&mut journal, self.file, &mut zeros);
         Ok(())
     }
 
@@ -219,6 +250,17 @@ impl<S: Storage> Storage for Journaled<S> {
     }
 }
 
+/// Appends the pending run of zero pages, if any, as one ZeroImage.
+fn flush_zeros(journal: &mut Writer, file: u32, zeros: &mut Option<(u64, u64)>) {
+    if let Some((offset, length)) = zeros.take() {
+        journal.append(&Record::ZeroImage {
+            file,
+            offset,
+            length,
+        });
+    }
+}
+
 /// A bit per 4 KiB page of a file of `len` bytes.
 fn page_set(len: u64) -> Vec<u64> {
     vec![0; len.div_ceil(PAGE).div_ceil(64) as usize]
@@ -291,5 +333,55 @@ mod tests {
         let mut b = [0u8; 1];
         s.inner.read_at(&mut b, 8192).unwrap();
         assert_eq!(b[0], 5);
+    }
+
+    /// Pages of zeros, read or holes of the file, are journaled as one
+    /// ZeroImage per run instead of their bytes.
+    #[test]
+    fn zero_pages_and_holes_become_zero_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let jp = dir.path().join("j");
+        let w = Arc::new(Mutex::new(Writer::create(&jp, begin()).unwrap()));
+        let mut bytes = vec![0u8; 16384];
+        bytes[..4096].fill(1);
+        bytes[12288..].fill(1);
+        let s = Journaled::new(MemStorage::new(bytes), 0, w.clone()).unwrap();
+        s.write_at(&[7u8; 16384], 0).unwrap();
+        s.flush().unwrap();
+        // A sparse file: data in its first page only, the rest a hole.
+        let fp = dir.path().join("f");
+        let f = std::fs::File::create(&fp).unwrap();
+        f.set_len(1 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[3u8; 4096], 0).unwrap();
+        drop(f);
+        let file = crate::io::FileStorage::open(&fp, true).unwrap();
+        let s = Journaled::new(file, 1, w.clone()).unwrap();
+        s.write_at(&[9u8; 65536], 0).unwrap();
+        s.flush().unwrap();
+        let l = super::super::load(&jp).unwrap();
+        let got: Vec<(u32, u64, u64, bool)> = l.records[1..]
+            .iter()
+            .map(|r| match r {
+                Record::BeforeImage { file, offset, data } => {
+                    (*file, *offset, data.len() as u64, true)
+                }
+                Record::ZeroImage {
+                    file,
+                    offset,
+                    length,
+                } => (*file, *offset, *length, false),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 0, 4096, true),
+                (0, 4096, 8192, false),
+                (0, 12288, 4096, true),
+                (1, 0, 4096, true),
+                (1, 4096, 61440, false),
+            ]
+        );
     }
 }

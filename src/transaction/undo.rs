@@ -14,6 +14,10 @@ use crate::failpoint::{Failpoint, failpoint};
 /// The VHDX header section (file identifier, both headers, both region tables).
 const HEADER_SECTION: u64 = 1 << 20;
 
+/// The page size of before-images, and a page of zeros for ZeroImages.
+const PAGE: u64 = 4096;
+static ZERO_PAGE: [u8; PAGE as usize] = [0; PAGE as usize];
+
 /// Whether the 4 KiB at `offset` currently hold a valid VHDX header (false
 /// for pages that are not header slots, which are restored after).
 fn header_is_valid(io: &FileStorage, offset: u64) -> bool {
@@ -53,11 +57,32 @@ pub(crate) fn restore(
     let mut images: BTreeMap<u32, Vec<(u64, &[u8])>> = BTreeMap::new();
     let mut seen = std::collections::HashSet::new();
     for r in records {
-        if let Record::BeforeImage { file, offset, data } = r
-            && seen.insert((*file, *offset))
-            && lengths.get(*file as usize).is_some_and(|l| offset < l)
-        {
-            images.entry(*file).or_default().push((*offset, data));
+        // Each page's first image, as (offset, bytes): a ZeroImage stands
+        // for its pages of zeros.
+        let pages: Vec<(u32, u64, &[u8])> = match r {
+            Record::BeforeImage { file, offset, data } => vec![(*file, *offset, data.as_slice())],
+            Record::ZeroImage {
+                file,
+                offset,
+                length,
+            } => (0..length.div_ceil(PAGE))
+                .map(|k| {
+                    let at = offset + k * PAGE;
+                    (
+                        *file,
+                        at,
+                        &ZERO_PAGE[..PAGE.min(offset + length - at) as usize],
+                    )
+                })
+                .collect(),
+            _ => continue,
+        };
+        for (file, offset, data) in pages {
+            if seen.insert((file, offset))
+                && lengths.get(file as usize).is_some_and(|l| offset < *l)
+            {
+                images.entry(file).or_default().push((offset, data));
+            }
         }
     }
     for (i, (f, p)) in begin.files.iter().zip(paths).enumerate() {
