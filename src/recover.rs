@@ -287,16 +287,34 @@ fn resume(
     // Runs before the checkpoint, for the final verification (a run an
     // abandoned attempt copied after it is copied again).
     let mut before: BTreeMap<u64, (u64, u64, [u8; 32])> = BTreeMap::new();
+    let mut shared: BTreeMap<u64, merge::SharedRun> = BTreeMap::new();
     for r in &records[..*at] {
-        if let Record::Copy {
-            offset,
-            length,
-            blake3,
-            ..
-        } = r
-            && *offset < cp.next_offset
-        {
-            before.insert(*offset, (*offset, *length, *blake3));
+        match r {
+            Record::Copy {
+                offset,
+                length,
+                blake3,
+                ..
+            } if *offset < cp.next_offset => {
+                shared.remove(offset);
+                before.insert(*offset, (*offset, *length, *blake3));
+            }
+            Record::Share {
+                offset,
+                length,
+                source_level,
+                source_offset,
+            } if *offset < cp.next_offset => {
+                before.remove(offset);
+                let run = merge::SharedRun {
+                    offset: *offset,
+                    len: *length,
+                    level: *source_level as usize,
+                    source: *source_offset,
+                };
+                shared.insert(*offset, run);
+            }
+            _ => {}
         }
     }
     report.resumed_from = Some(cp.bytes_done);
@@ -308,6 +326,7 @@ fn resume(
         checkpoint: cp,
         total: plan.bytes,
         copied_before: before.into_values().collect(),
+        shared_before: shared.into_values().collect(),
     }
     .run(opts, progress)?;
     report.merge = Some(r);

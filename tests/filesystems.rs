@@ -2,7 +2,10 @@
 //! with reflink, btrfs), each on an image made for the test and
 //! loop-mounted: VHDX and VHD, whole and partial blocks, overwrites of the
 //! base's data, 512-byte and 4 KiB sectors. Each result must read as the
-//! child did, by our reader and by qemu-img, and pass `qemu-img check`.
+//! child did, by our reader and by qemu-img, and pass `qemu-img check`;
+//! the merge must have cloned its aligned runs, and the base must share
+//! those blocks with the kept child (FIEMAP) while the file system's used
+//! space grows by far less than the merged bytes. `--copy` must share none.
 //!
 //! Needs root, loop devices and mkfs.xfs / mkfs.btrfs (`scripts/test.sh`
 //! installs xfsprogs and btrfs-progs). Without them the tests say so
@@ -155,6 +158,40 @@ fn build(dir: &Path, c: &Case, rng: &mut Rng) -> (PathBuf, PathBuf) {
     (base, child)
 }
 
+/// Bytes of `path` whose extents FIEMAP flags as shared.
+fn shared_bytes(path: &Path) -> u64 {
+    use std::os::fd::AsFd;
+    use vhdmerge::io::share::{FIEMAP_EXTENT_SHARED, extents};
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len();
+    extents(f.as_fd(), 0, len)
+        .unwrap()
+        .iter()
+        .filter(|e| e.flags & FIEMAP_EXTENT_SHARED != 0)
+        .map(|e| e.length)
+        .sum()
+}
+
+/// The file system's used bytes, once settled: after a sync (delayed
+/// allocations count) and once deleted files' blocks are freed, which XFS
+/// does in the background.
+fn used_bytes(dir: &Path) -> u64 {
+    let now = || {
+        let _ = Command::new("sync").arg("-f").arg(dir).status();
+        let s = rustix::fs::statvfs(dir).unwrap();
+        (s.f_blocks - s.f_bfree) * s.f_frsize
+    };
+    let mut last = now();
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        match now() {
+            n if n == last => break,
+            n => last = n,
+        }
+    }
+    last
+}
+
 fn merge_on(kind: &str) {
     let Some(fs) = mount(kind) else { return };
     if !common::need("qemu-img") {
@@ -162,40 +199,89 @@ fn merge_on(kind: &str) {
     }
     let mut rng = Rng(21);
     for (k, c) in cases().iter().enumerate() {
-        let dir = fs.path().join(format!("case{k}"));
-        std::fs::create_dir(&dir).unwrap();
-        let (base, child) = build(&dir, c, &mut rng);
-        let want = digest_of(&child);
-        ok(&["merge", child.to_str().unwrap()]);
-        assert!(
-            !child.exists(),
-            "{kind} case {k}: the child was not removed"
-        );
-        assert_eq!(digest_of(&base), want, "{kind} case {k}: our reader");
-        let fmt = if c.ext.0 == "vhdx" { "vhdx" } else { "vpc" };
-        // qemu refuses 4 KiB logical sectors; dissect reads them.
-        let other = match c.logical_sector {
-            512 => qemu_digest(fmt, &base, &dir),
-            _ => match common::python() {
-                Some(py) => common::oracle(&py, "dissect", &[&base], &dir),
-                None => want.clone(),
-            },
-        };
-        assert_eq!(other, want, "{kind} case {k}: the independent reader");
-        if fmt == "vhdx" && c.logical_sector == 512 {
-            // qemu-img checks VHDX (with 512-byte sectors); it has no
-            // check for VHD (vpc).
-            let o = Command::new("qemu-img")
-                .args(["check", "-f", fmt])
-                .arg(&base)
-                .output()
-                .unwrap();
+        for copy in [false, true] {
+            let dir = fs.path().join(format!("case{k}-{copy}"));
+            std::fs::create_dir(&dir).unwrap();
+            let (base, child) = build(&dir, c, &mut rng);
+            let want = digest_of(&child);
+            let used = used_bytes(&dir);
+            let mut args = vec!["merge", "--keep", "--json", child.to_str().unwrap()];
+            if copy {
+                args.push("--copy");
+            }
+            let report: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+            let grown = used_bytes(&dir).saturating_sub(used);
             assert!(
-                o.status.success(),
-                "{kind} case {k}: qemu-img check: {}",
-                String::from_utf8_lossy(&o.stdout)
+                !child.exists(),
+                "{kind} case {k}: the child was not renamed"
+            );
+            check_result(kind, k, c, &base, &dir, &want);
+            let merged = report["plan"]["bytes"].as_u64().unwrap();
+            let cloned = report["sharing"]["cloned_bytes"].as_u64().unwrap();
+            let shared = shared_bytes(&base);
+            eprintln!(
+                "{kind} case {k} copy={copy}: merged {merged}, cloned {cloned}, copied {}, base shares {shared}, used space grew {grown}",
+                report["sharing"]["copied_bytes"]
+            );
+            if copy {
+                assert_eq!(
+                    (cloned, shared),
+                    (0, 0),
+                    "{kind} case {k}: --copy shared blocks"
+                );
+                // The measure tells a copy from a clone: a copy's new
+                // blocks (all but the overwrites) take new space.
+                assert!(
+                    grown * 2 > merged,
+                    "{kind} case {k}: a copy grew by {grown}"
+                );
+                continue;
+            }
+            // Every whole 4 KiB page of the child's writes is cloned: all
+            // but the few unaligned heads and tails.
+            assert!(
+                cloned * 10 >= merged * 9,
+                "{kind} case {k}: cloned only {cloned} of {merged} bytes"
+            );
+            assert!(
+                shared >= cloned,
+                "{kind} case {k}: the base shares {shared} bytes, {cloned} were cloned"
+            );
+            assert!(
+                grown * 4 < merged,
+                "{kind} case {k}: used space grew by {grown} bytes for {merged} merged"
             );
         }
+    }
+}
+
+/// The merged base reads as the child did, for us and an independent
+/// reader, and passes `qemu-img check` where qemu has one.
+fn check_result(kind: &str, k: usize, c: &Case, base: &Path, dir: &Path, want: &str) {
+    assert_eq!(digest_of(base), want, "{kind} case {k}: our reader");
+    let fmt = if c.ext.0 == "vhdx" { "vhdx" } else { "vpc" };
+    // qemu refuses 4 KiB logical sectors; dissect reads them.
+    let other = match c.logical_sector {
+        512 => qemu_digest(fmt, base, dir),
+        _ => match common::python() {
+            Some(py) => common::oracle(&py, "dissect", &[base], dir),
+            None => want.to_string(),
+        },
+    };
+    assert_eq!(other, want, "{kind} case {k}: the independent reader");
+    if fmt == "vhdx" && c.logical_sector == 512 {
+        // qemu-img checks VHDX (with 512-byte sectors); it has no
+        // check for VHD (vpc).
+        let o = Command::new("qemu-img")
+            .args(["check", "-f", fmt])
+            .arg(base)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{kind} case {k}: qemu-img check: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
     }
 }
 

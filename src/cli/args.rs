@@ -142,6 +142,10 @@ pub struct MergeArgs {
     /// this much work; checkpoints are also at most 30 s apart).
     #[arg(long, value_parser = parse_size, default_value = "1G")]
     pub checkpoint_every: u64,
+    /// Copy every byte, even where the file system could share the merged
+    /// files' blocks with the ancestor (XFS, btrfs reflink).
+    #[arg(long)]
+    pub copy: bool,
 }
 
 #[derive(Args)]

@@ -25,6 +25,7 @@ pub fn cmd_merge(a: MergeArgs, quiet: bool) -> Exit {
         verify_full: a.verify == VerifyArg::Full,
         checkpoint_bytes: a.checkpoint_every.max(1),
         stop: Some(stop_on_signals()),
+        share: !a.copy,
     };
     let show = Show {
         dry_run: a.dry_run,
@@ -61,6 +62,14 @@ pub fn cmd_merge(a: MergeArgs, quiet: bool) -> Exit {
         report.seconds,
         report.journal_bytes
     );
+    let s = &report.sharing;
+    if s.cloned_bytes > 0 {
+        out!(
+            "cloned {} bytes (blocks shared with the merged files), copied {} bytes",
+            s.cloned_bytes,
+            s.copied_bytes
+        );
+    }
     for c in &report.plan.relink {
         out!(
             "re-linked {} to {}",
@@ -70,6 +79,10 @@ pub fn cmd_merge(a: MergeArgs, quiet: bool) -> Exit {
     }
     match &report.result_digest {
         Some(d) => out!("verified: content digest {d} equals the child's view before the merge"),
+        None if s.cloned_bytes > 0 => out!(
+            "verified: all {} runs read back from the ancestor as they read in the child (cloned ones proven on the same blocks)",
+            report.runs_verified
+        ),
         None => out!(
             "verified: all {} copied runs read back from the ancestor with their BLAKE3",
             report.runs_verified

@@ -150,7 +150,16 @@ pub trait Layer: Send + Sync {
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()>;
     /// Writes guest data, aligned to the logical sector size. Allocates
     /// blocks and maintains bitmaps; `commit` makes metadata durable.
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()>;
+    fn put(&mut self, offset: u64, payload: Payload<'_>) -> Result<()>;
+    /// `put` of bytes in memory.
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.put(offset, Payload::Bytes(data))
+    }
+    /// The open file the layer reads its data from, when it reads it
+    /// straight from one (a merge may then share its blocks).
+    fn file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
     /// Flushes data, then makes pending metadata durable (through the VHDX
     /// log for VHDX files).
     fn commit(&mut self) -> Result<()>;
@@ -272,18 +281,52 @@ fn locator_folder(child: &Path) -> PathBuf {
 /// lies in one block of `block_size` bytes, in order.
 fn by_block(
     offset: u64,
-    data: &[u8],
+    data: Payload<'_>,
     block_size: u64,
-    mut f: impl FnMut(u64, &[u8]) -> Result<()>,
+    mut f: impl FnMut(u64, Payload<'_>) -> Result<()>,
 ) -> Result<()> {
-    let mut done = 0usize;
+    let mut done = 0;
     while done < data.len() {
-        let off = offset + done as u64;
-        let n = ((block_size - off % block_size) as usize).min(data.len() - done);
-        f(off, &data[done..done + n])?;
+        let off = offset + done;
+        let n = (block_size - off % block_size).min(data.len() - done);
+        f(off, data.slice(done, n))?;
         done += n;
     }
     Ok(())
+}
+
+/// The bytes of a write: in memory, or `len` bytes of a merged file at a
+/// file offset, which the file system may share instead of copying.
+#[derive(Clone, Copy)]
+pub enum Payload<'a> {
+    Bytes(&'a [u8]),
+    File {
+        from: &'a std::sync::Arc<crate::io::SharedFile>,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl Payload<'_> {
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> u64 {
+        match self {
+            Payload::Bytes(b) => b.len() as u64,
+            Payload::File { len, .. } => *len,
+        }
+    }
+
+    /// `n` bytes from `start` on.
+    pub fn slice(&self, start: u64, n: u64) -> Self {
+        match *self {
+            Payload::Bytes(b) => Payload::Bytes(&b[start as usize..(start + n) as usize]),
+            Payload::File { from, offset, .. } => Payload::File {
+                from,
+                offset: offset + start,
+                len: n,
+            },
+        }
+    }
 }
 
 /// Opens `path`'s chain, or the file alone as a raw disk when its content

@@ -59,7 +59,7 @@ impl Layer for RawDisk {
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
         self.src.read(buf, file_offset, "data")
     }
-    fn write(&mut self, _offset: u64, _data: &[u8]) -> Result<()> {
+    fn put(&mut self, _offset: u64, _data: super::Payload<'_>) -> Result<()> {
         Err(Error::WriteRefused {
             path: self.src.path.clone(),
             reason: "raw images are opened read-only".into(),

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use uuid::Uuid;
 
-use super::{Extent, Format, Identity, Kind, Layer, LayerInfo, ParentRef, Warning};
+use super::{Extent, Format, Identity, Kind, Layer, LayerInfo, ParentRef, Payload, Warning};
 use crate::error::{Error, Result};
 use crate::format::vhd::{self as fv, DynHeader, Footer, SECTOR};
 use crate::io::{FileStorage, Src, Storage};
@@ -277,7 +277,7 @@ impl VhdDisk {
         Ok(at)
     }
 
-    fn write_block(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+    fn write_block(&mut self, offset: u64, data: Payload<'_>) -> Result<()> {
         let h = self.dyn_header().clone();
         let bs = u64::from(h.block_size);
         let block = offset / bs;
@@ -287,12 +287,12 @@ impl VhdDisk {
             s => u64::from(s) * SECTOR,
         };
         self.src
-            .write(data, at + h.bitmap_bytes() + in_block, "block data")?;
+            .put(data, at + h.bitmap_bytes() + in_block, "block data")?;
         // Data first, then the bitmap bits that make it visible.
         self.src.flush()?;
         let mut bitmap = self.bitmap(block)?;
         let first = in_block / SECTOR;
-        for s in first..first + data.len() as u64 / SECTOR {
+        for s in first..first + data.len() / SECTOR {
             fv::set_bit(&mut bitmap, s);
         }
         self.src.write(&bitmap, at, "a block bitmap")?;
@@ -499,21 +499,25 @@ impl Layer for VhdDisk {
         self.src.read(buf, file_offset, "block data")
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+    fn file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.src.io.fd()
+    }
+
+    fn put(&mut self, offset: u64, data: Payload<'_>) -> Result<()> {
         self.refuse_if_damaged()?;
         if !offset.is_multiple_of(SECTOR)
-            || !(data.len() as u64).is_multiple_of(SECTOR)
-            || offset + data.len() as u64 > self.size
+            || !data.len().is_multiple_of(SECTOR)
+            || offset + data.len() > self.size
         {
             return Err(Error::BadWrite {
                 path: self.src.path.clone(),
                 offset,
-                len: data.len() as u64,
+                len: data.len(),
                 rule: "is not sector aligned or passes the disk's end".into(),
             });
         }
         if self.header.is_none() {
-            return self.src.write(data, offset, "disk data");
+            return self.src.put(data, offset, "disk data");
         }
         let bs = self.block_size();
         super::by_block(offset, data, bs, |off, piece| self.write_block(off, piece))

@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
 
@@ -31,7 +32,26 @@ pub trait Storage: Send + Sync {
     fn next_hole(&self, _offset: u64) -> io::Result<u64> {
         self.len()
     }
+    /// The open file behind this storage, if it is one and nothing stands
+    /// between (an overlay with replayed log pages has none).
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+    /// Puts `len` bytes of `from` at `src_offset` at `offset`: shared
+    /// (cloned) where the file system can, copied otherwise. Default: copied.
+    fn put_from(
+        &self,
+        from: &Arc<SharedFile>,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        share::copy_into(self, from, src_offset, offset, len)
+    }
 }
+
+pub mod share;
+pub use share::SharedFile;
 
 /// Whether the `len` bytes at `offset` start with stored data (`true`)
 /// or with a hole of the file, which reads as zeros (`false`), and how
@@ -72,6 +92,18 @@ macro_rules! delegate_storage {
             fn next_hole(&self, offset: u64) -> io::Result<u64> {
                 (**self).next_hole(offset)
             }
+            fn fd(&self) -> Option<BorrowedFd<'_>> {
+                (**self).fd()
+            }
+            fn put_from(
+                &self,
+                from: &Arc<SharedFile>,
+                src_offset: u64,
+                offset: u64,
+                len: u64,
+            ) -> io::Result<()> {
+                (**self).put_from(from, src_offset, offset, len)
+            }
         }
     };
 }
@@ -108,6 +140,9 @@ pub struct FileStorage {
     path: PathBuf,
     /// Bytes written since write-back was last started.
     unsent: AtomicU64,
+    /// A clone changed the file's extent map since the last flush: the
+    /// next flush is a full fsync, so that the remapping is durable too.
+    remapped: AtomicBool,
 }
 
 impl FileStorage {
@@ -131,6 +166,7 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             unsent: AtomicU64::new(0),
+            remapped: AtomicBool::new(false),
         }
     }
 
@@ -154,6 +190,40 @@ impl FileStorage {
             Err(rustix::io::Errno::NXIO) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Clones `len` aligned bytes of `from` at `src_offset` to `offset`.
+    /// For crash purposes a clone is a write of the source's bytes, and
+    /// the tracer records it as one, once it happened (a refused clone
+    /// changed nothing).
+    fn clone_from(
+        &self,
+        from: &SharedFile,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        #[cfg(feature = "testing")]
+        if trace::emulate_clones() {
+            let mut b = vec![0u8; len as usize];
+            from.read_at(&mut b, src_offset)?;
+            traced!(trace::Op::Write {
+                path: self.path.clone(),
+                offset,
+                data: trace::capture(&b),
+            });
+            self.file.write_all_at(&b, offset)?;
+            self.remapped.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
+        share::clone_range(self.file.as_fd(), offset, from.fd(), src_offset, len)?;
+        self.remapped.store(true, Ordering::Relaxed);
+        traced!(trace::Op::Write {
+            path: self.path.clone(),
+            offset,
+            data: trace::capture_with(len, |b| from.read_at(b, src_offset))?,
+        });
+        Ok(())
     }
 }
 
@@ -216,6 +286,9 @@ impl Storage for FileStorage {
         if skip_sync() {
             return Ok(());
         }
+        if self.remapped.swap(false, Ordering::Relaxed) {
+            return self.file.sync_all();
+        }
         self.file.sync_data()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
@@ -247,6 +320,34 @@ impl Storage for FileStorage {
             }
             Err(e) => Err(e),
         }
+    }
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.file.as_fd())
+    }
+    fn put_from(
+        &self,
+        from: &Arc<SharedFile>,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let (head, middle) = from.split(src_offset, offset, len);
+        if middle == 0 {
+            return share::copy_into(self, from, src_offset, offset, len);
+        }
+        share::copy_into(self, from, src_offset, offset, head)?;
+        let (s, o) = (src_offset + head, offset + head);
+        match self.clone_from(from, s, o, middle) {
+            Ok(()) => from.count(middle, 0),
+            // The pair cannot share blocks: copy this and everything after.
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                from.disable();
+                share::copy_into(self, from, s, o, middle)?;
+            }
+            Err(e) => return Err(e),
+        }
+        let done = head + middle;
+        share::copy_into(self, from, src_offset + done, offset + done, len - done)
     }
 }
 
@@ -450,6 +551,27 @@ impl Src {
                 e,
             )
         })
+    }
+
+    /// Writes a payload: bytes, or a run of another file shared or copied.
+    pub fn put(&self, payload: crate::disk::Payload<'_>, offset: u64, what: &str) -> Result<()> {
+        match payload {
+            crate::disk::Payload::Bytes(b) => self.write(b, offset, what),
+            crate::disk::Payload::File {
+                from,
+                offset: src,
+                len,
+            } => self.io.put_from(from, src, offset, len).map_err(|e| {
+                Error::io(
+                    &self.path,
+                    format!(
+                        "putting {what} ({len} bytes at {offset:#x}) from {}",
+                        from.path.display()
+                    ),
+                    e,
+                )
+            }),
+        }
     }
 
     pub fn flush(&self) -> Result<()> {

@@ -68,6 +68,8 @@ struct State {
     count: usize,
     fault: Option<(usize, Fault)>,
     skip_sync: bool,
+    /// Clones are carried out as a read and a write (tmpfs has no reflink).
+    emulate_clones: bool,
     /// Canonical form of each folder seen: resolving a path costs a
     /// readlink per component, and the crash tests trace millions of
     /// operations in a handful of folders.
@@ -91,8 +93,23 @@ pub fn start(root: &Path, record: bool, fault: Option<(usize, Fault)>, skip_sync
         count: 0,
         fault,
         skip_sync,
+        emulate_clones: false,
         folders: Default::default(),
     });
+}
+
+/// Makes clones succeed on any file system, carried out as a read of the
+/// source and a write, while tracing lasts: the merge's clone path (and
+/// its crash states, a clone being a write of the source's bytes) can
+/// then be explored where no file system reflinks.
+pub fn set_emulate_clones(on: bool) {
+    if let Some(s) = lock().as_mut() {
+        s.emulate_clones = on;
+    }
+}
+
+pub fn emulate_clones() -> bool {
+    lock().as_ref().is_some_and(|s| s.emulate_clones)
 }
 
 /// Stops tracing; returns the recorded operations and how many were seen.
@@ -114,6 +131,19 @@ pub fn capture(buf: &[u8]) -> Vec<u8> {
     } else {
         Vec::new()
     }
+}
+
+/// Like `capture` for `len` bytes that `fill` produces (read only while recording).
+pub fn capture_with(
+    len: u64,
+    fill: impl FnOnce(&mut [u8]) -> io::Result<()>,
+) -> io::Result<Vec<u8>> {
+    if !lock().as_ref().is_some_and(|s| s.record) {
+        return Ok(Vec::new());
+    }
+    let mut b = vec![0u8; len as usize];
+    fill(&mut b)?;
+    Ok(b)
 }
 
 pub(crate) fn op(op: Op) -> io::Result<()> {

@@ -15,9 +15,10 @@ pub use state::State;
 
 /// "VMJR" little-endian: the first four bytes of every record.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"VMJR");
-/// Frames written by this version; it reads versions 1 to 3 (version 1
-/// has no Plan or Checkpoint records, version 2 no ZeroImage).
-pub const VERSION: u16 = 3;
+/// Frames written by this version; it reads versions 1 to 4 (version 1
+/// has no Plan or Checkpoint records, version 2 no ZeroImage, version 3
+/// no Share).
+pub const VERSION: u16 = 4;
 pub const FRAME_HEADER: usize = 24;
 /// Records larger than this are refused (a before-image batch is far smaller).
 pub const MAX_PAYLOAD: u32 = 64 << 20;
@@ -405,7 +406,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
         let mut b = encode(0, &Record::Begin(begin()));
-        b[4] = 4;
+        b[4] = VERSION as u8 + 1;
         let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..20]), &b[FRAME_HEADER..]);
         b[20..24].copy_from_slice(&crc.to_le_bytes());
         std::fs::write(&p, &b).unwrap();

@@ -88,6 +88,18 @@ pub enum Record {
     /// pages that read as zeros. Same rules as `BeforeImage`, without the
     /// bytes.
     ZeroImage { file: u32, offset: u64, length: u64 },
+    /// Version 4: redo information for a run of guest data put into the
+    /// ancestor from a merged file without being read: cloned (sharing
+    /// the file system's blocks) where the file system could, copied
+    /// otherwise. It carries no hash: the run is proven by comparing the
+    /// ancestor's view with the source (same physical blocks, or the same
+    /// bytes read from both).
+    Share {
+        offset: u64,
+        length: u64,
+        source_level: u32,
+        source_offset: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +138,7 @@ impl Record {
             Record::Plan(_) => 7,
             Record::Checkpoint(_) => 8,
             Record::ZeroImage { .. } => 9,
+            Record::Share { .. } => 10,
         }
     }
 }

@@ -22,7 +22,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use super::{Record, Writer};
-use crate::io::Storage;
+use crate::io::{SharedFile, Storage};
 
 const PAGE: u64 = 4096;
 
@@ -34,10 +34,27 @@ struct State {
     /// Pages (below `start_len`) imaged in this epoch.
     saved: Vec<u64>,
     /// Overwrites waiting for the journal, by offset.
-    held: BTreeMap<u64, Vec<u8>>,
+    held: BTreeMap<u64, Held>,
+    /// Bytes held in memory (a held clone holds none).
     held_bytes: u64,
     /// Set after any failure: no further I/O (an fsync error is never retried).
     poisoned: bool,
+}
+
+/// An overwrite waiting for its before-images to be durable.
+enum Held {
+    Bytes(Vec<u8>),
+    /// `len` bytes of a merged file, to be cloned (or copied) there.
+    From(Arc<SharedFile>, u64, u64),
+}
+
+impl Held {
+    fn len(&self) -> u64 {
+        match self {
+            Held::Bytes(b) => b.len() as u64,
+            Held::From(_, _, len) => *len,
+        }
+    }
 }
 
 /// Held overwrites beyond this many bytes force a barrier.
@@ -158,11 +175,52 @@ impl<S: Storage> Journaled<S> {
             let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
             journal.sync().map_err(io::Error::other)?;
         }
-        for (off, data) in std::mem::take(&mut st.held) {
-            self.inner.write_at(&data, off)?;
+        for (off, held) in std::mem::take(&mut st.held) {
+            match held {
+                Held::Bytes(data) => self.inner.write_at(&data, off)?,
+                Held::From(from, src, len) => self.inner.put_from(&from, src, off, len)?,
+            }
         }
         st.held_bytes = 0;
         self.inner.flush()
+    }
+
+    /// Where the part of a write at [offset, offset + len) that overwrites
+    /// the epoch's starting bytes ends (`offset` when none does); those
+    /// bytes' pages are imaged first.
+    fn overwritten(&self, st: &mut State, offset: u64, len: u64) -> io::Result<u64> {
+        self.follow_checkpoints(st)?;
+        let split = (offset + len).min(st.start_len).max(offset);
+        if split > offset {
+            self.image(st, offset, split)?;
+        }
+        Ok(split)
+    }
+
+    /// Holds an overwrite at `offset` until the next barrier.
+    fn hold(&self, st: &mut State, offset: u64, held: Held) -> io::Result<()> {
+        let end = offset + held.len();
+        // A later held write to the same offset replaces an earlier one
+        // only if it covers it; otherwise issue what is held first.
+        if st.held.range(offset..end).next().is_some()
+            || st
+                .held
+                .range(..offset)
+                .next_back()
+                .is_some_and(|(o, d)| o + d.len() > offset)
+        {
+            self.barrier(st)?;
+        }
+        if let Held::Bytes(b) = &held {
+            st.held_bytes += b.len() as u64;
+        }
+        st.held.insert(offset, held);
+        // Bound the memory of held writes: an extra barrier is always
+        // safe (it only makes more durable, in the same order).
+        if st.held_bytes >= MAX_HELD {
+            self.barrier(st)?;
+        }
+        Ok(())
     }
 
     fn guarded<T>(&self, f: impl FnOnce(&mut State) -> io::Result<T>) -> io::Result<T> {
@@ -186,7 +244,7 @@ impl<S: Storage> Storage for Journaled<S> {
                 .held
                 .range(..end)
                 .next_back()
-                .is_some_and(|(o, d)| o + d.len() as u64 > offset);
+                .is_some_and(|(o, d)| o + d.len() > offset);
             if overlaps {
                 self.barrier(st)?;
             }
@@ -196,37 +254,44 @@ impl<S: Storage> Storage for Journaled<S> {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.guarded(|st| {
-            self.follow_checkpoints(st)?;
-            let end = offset + buf.len() as u64;
-            let split = end.min(st.start_len).max(offset);
+            let split = self.overwritten(st, offset, buf.len() as u64)?;
             if split > offset {
-                self.image(st, offset, split)?;
                 let head = buf[..(split - offset) as usize].to_vec();
-                // A later held write to the same offset replaces an earlier one
-                // only if it covers it; otherwise issue what is held first.
-                if st.held.range(offset..split).next().is_some()
-                    || st
-                        .held
-                        .range(..offset)
-                        .next_back()
-                        .is_some_and(|(o, d)| o + d.len() as u64 > offset)
-                {
-                    self.barrier(st)?;
-                }
-                st.held_bytes += head.len() as u64;
-                st.held.insert(offset, head);
-                // Bound the memory of held writes: an extra barrier is always
-                // safe (it only makes more durable, in the same order).
-                if st.held_bytes >= MAX_HELD {
-                    self.barrier(st)?;
-                }
+                self.hold(st, offset, Held::Bytes(head))?;
             }
-            if end > split {
+            if offset + buf.len() as u64 > split {
                 self.inner
                     .write_at(&buf[(split - offset) as usize..], split)?;
             }
             Ok(())
         })
+    }
+
+    /// Overwrites are held like written bytes (a held clone keeps no data
+    /// in memory); growth is cloned straight away, as it is written.
+    fn put_from(
+        &self,
+        from: &Arc<SharedFile>,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        self.guarded(|st| {
+            let split = self.overwritten(st, offset, len)?;
+            if split > offset {
+                let held = Held::From(from.clone(), src_offset, split - offset);
+                self.hold(st, offset, held)?;
+            }
+            if offset + len > split {
+                let n = split - offset;
+                self.inner.put_from(from, src_offset + n, split, len - n)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
     }
 
     fn flush(&self) -> io::Result<()> {

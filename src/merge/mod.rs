@@ -9,9 +9,13 @@
 mod plan;
 pub mod preflight;
 mod read;
+mod share;
 
 pub use plan::{Plan, Prepared, Run, Sizing, for_each_run, measure, prepare};
 use plan::{ancestor_reads_zero, plan_digest};
+pub use share::ShareCounts;
+pub(crate) use share::SharedRun;
+use share::Sharing;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,14 +27,14 @@ use uuid::Uuid;
 
 use crate::disk::vhd::VhdDisk;
 use crate::disk::vhdx::VhdxDisk;
-use crate::disk::{Chain, ChainOptions, Format, Layer};
+use crate::disk::{Chain, ChainOptions, Format, Layer, Payload};
 use crate::error::{Error, Result};
 use crate::failpoint::{Failpoint, failpoint};
 use crate::io::FileStorage;
 use crate::journal::storage::Journaled;
 use crate::journal::{self, Begin, Record, Writer};
 use crate::transaction::{Transaction, begin_record};
-use read::{Buffers, GROUP_BYTES, ReadGroup, read_groups, verify_group};
+use read::{Buffers, GROUP_BYTES, Loaded, ReadGroup, read_groups, verify_group};
 
 #[derive(Debug, Clone)]
 pub struct MergeOptions {
@@ -59,6 +63,9 @@ pub struct MergeOptions {
     /// Set (by a signal handler) to stop at the next run: the merge makes a
     /// checkpoint there and returns `Error::Paused`.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Clone runs instead of copying them where the file system shares
+    /// blocks between the merged files and the ancestor (reflink).
+    pub share: bool,
 }
 
 /// The longest a merge copies between two checkpoints.
@@ -84,6 +91,7 @@ impl Default for MergeOptions {
             verify_full: false,
             checkpoint_bytes: 1 << 30,
             stop: None,
+            share: true,
         }
     }
 }
@@ -103,6 +111,9 @@ pub struct Report {
     pub seconds: f64,
     /// Seconds from the start at which each tenth of the bytes was copied.
     pub decile_seconds: Vec<f64>,
+    /// Of the runs put from the merged files unread: bytes cloned (blocks
+    /// shared with the merged file) and bytes copied.
+    pub sharing: ShareCounts,
 }
 
 impl Report {
@@ -114,6 +125,7 @@ impl Report {
         decile_seconds: Vec<f64>,
     ) -> Report {
         Report {
+            sharing: verified.sharing,
             plan,
             journal_bytes: verified.journal_bytes,
             verify: if expected.is_some() { "full" } else { "runs" },
@@ -202,7 +214,7 @@ pub fn execute(
     }
     .run(a, 0, 0, progress)?;
     drop(chain);
-    let verified = finish(&tx, applied.copied, expected)?;
+    let verified = finish(&tx, applied.runs, expected)?;
     Ok(Report::new(
         plan,
         verified,
@@ -217,15 +229,21 @@ struct Verified {
     runs: u64,
     digest: Option<blake3::Hash>,
     journal_bytes: u64,
+    sharing: ShareCounts,
+}
+
+/// The runs a merge put into the ancestor, to verify after the commit.
+struct PutRuns {
+    /// Read, hashed and written.
+    copied: Vec<Copied>,
+    /// Put from the merged files unread, and those files.
+    shared: Vec<SharedRun>,
+    sharing: Sharing,
 }
 
 /// After the last run: close the ancestor, re-link the children,
 /// commit, verify every copied run and clean up.
-fn finish(
-    tx: &Transaction,
-    copied: Vec<Copied>,
-    expected: Option<blake3::Hash>,
-) -> Result<Verified> {
+fn finish(tx: &Transaction, runs: PutRuns, expected: Option<blake3::Hash>) -> Result<Verified> {
     let ancestor = tx.ancestor.as_path();
     for (child, index) in &tx.relinked {
         let a_identity = crate::disk::open_layer(ancestor, false)?.identity();
@@ -249,7 +267,8 @@ fn finish(
     // has the child's content digest). A failure leaves the journal for
     // `recover`, which redoes the runs from the still-present sources.
     let after = Chain::open(ancestor, &ChainOptions::default())?;
-    verify_runs(&after, ancestor, &copied)?;
+    verify_runs(&after, ancestor, &runs.copied)?;
+    runs.sharing.verify(&after, ancestor, &runs.shared)?;
     let digest = match expected {
         Some(_) => Some(crate::verify::content_digest(&after, |_| {})?.root),
         None => None,
@@ -271,10 +290,15 @@ fn finish(
         .cloned()
         .collect();
     tx.cleanup(&merged)?;
+    let counts = runs.sharing.counts();
     Ok(Verified {
-        runs: copied.len() as u64,
+        runs: (runs.copied.len() + runs.shared.len()) as u64,
         digest,
         journal_bytes,
+        sharing: ShareCounts {
+            copied_bytes: counts.copied_bytes + runs.copied.iter().map(|c| c.1).sum::<u64>(),
+            ..counts
+        },
     })
 }
 
@@ -329,7 +353,7 @@ struct Apply<'a> {
 
 /// What the copy phase did.
 struct Applied {
-    copied: Vec<Copied>,
+    runs: PutRuns,
     /// Seconds from the start at which each tenth of the bytes was copied.
     deciles: Vec<f64>,
 }
@@ -348,7 +372,9 @@ impl Apply<'_> {
         let (opts, tx) = (self.opts, self.tx);
         let levels = self.chain.layers.len();
         let mut points = DurablePoints::new(opts, tx, self.total);
+        let sharing = Sharing::new(self.chain, &tx.ancestor, opts.share)?;
         let mut copied: Vec<Copied> = Vec::new();
+        let mut shared: Vec<SharedRun> = Vec::new();
         let mut deciles: Vec<f64> = Vec::new();
         let mut next_decile = 1u64;
         // A reader thread walks the runs, reads them in groups of up to 8 MiB
@@ -358,29 +384,46 @@ impl Apply<'_> {
         let buffers = Buffers::default();
         let mut apply_group = |g: ReadGroup, a: &mut Box<dyn Layer>| -> Result<()> {
             for (r, loaded) in g.runs.iter().zip(&g.datas) {
-                let zeros;
-                let (data, hash): (&[u8], [u8; 32]) = match *loaded {
-                    Some((k, hash)) => (g.pieces.get(k), hash),
-                    None => {
+                let mut journal = tx.journal.lock().unwrap_or_else(|e| e.into_inner());
+                let zeros: Vec<u8>;
+                let payload = match loaded {
+                    Loaded::Shared(from, source) => {
+                        journal.append(&Record::Share {
+                            offset: r.offset,
+                            length: r.len,
+                            source_level: r.level as u32,
+                            source_offset: *source,
+                        });
+                        shared.push(SharedRun {
+                            offset: r.offset,
+                            len: r.len,
+                            level: r.level,
+                            source: *source,
+                        });
+                        Payload::File {
+                            from,
+                            offset: *source,
+                            len: r.len,
+                        }
+                    }
+                    Loaded::Read(k, hash) => {
+                        journal.append(&copy_record(r, *hash));
+                        copied.push((r.offset, r.len, *hash));
+                        Payload::Bytes(g.pieces.get(*k))
+                    }
+                    Loaded::Zeros => {
                         if ancestor_reads_zero(a.as_ref(), r.offset, r.len)? {
                             continue;
                         }
                         zeros = vec![0u8; r.len as usize];
-                        (&zeros, *blake3::hash(&zeros).as_bytes())
+                        let hash = *blake3::hash(&zeros).as_bytes();
+                        journal.append(&copy_record(r, hash));
+                        copied.push((r.offset, r.len, hash));
+                        Payload::Bytes(&zeros)
                     }
                 };
-                tx.journal
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .append(&Record::Copy {
-                        offset: r.offset,
-                        length: r.len,
-                        source_level: r.level as u32,
-                        source_offset: r.source,
-                        blake3: hash,
-                    });
-                copied.push((r.offset, r.len, hash));
-                a.write(r.offset, data)?;
+                drop(journal);
+                a.put(r.offset, payload)?;
                 done += r.len;
                 points.after_copy(a, r.offset + r.len, r.len, done)?;
                 while next_decile <= 10 && done * 10 >= self.total * next_decile {
@@ -395,7 +438,8 @@ impl Apply<'_> {
         std::thread::scope(|scope| -> Result<()> {
             let (send, rx) = std::sync::mpsc::sync_channel::<Result<ReadGroup>>(1);
             let (chain, buffers) = (self.chain, &buffers);
-            scope.spawn(move || read_groups(chain, levels, from, buffers, &send));
+            let sharing = &sharing;
+            scope.spawn(move || read_groups(chain, levels, from, sharing, buffers, &send));
             // Returning early drops the receiver, which stops the reader.
             for g in rx {
                 apply_group(g?, &mut a)?;
@@ -412,7 +456,25 @@ impl Apply<'_> {
         // Every run is durable: a crash while re-linking resumes here.
         tx.append_checkpoint(self.chain.virtual_size(), done)?;
         failpoint(Failpoint::AfterApply);
-        Ok(Applied { copied, deciles })
+        Ok(Applied {
+            runs: PutRuns {
+                copied,
+                shared,
+                sharing,
+            },
+            deciles,
+        })
+    }
+}
+
+/// The redo record of a run read and written: its source and BLAKE3.
+fn copy_record(r: &Run, hash: [u8; 32]) -> Record {
+    Record::Copy {
+        offset: r.offset,
+        length: r.len,
+        source_level: r.level as u32,
+        source_offset: r.source,
+        blake3: hash,
     }
 }
 
@@ -506,6 +568,8 @@ pub(crate) struct Resume<'a> {
     pub(crate) total: u64,
     /// Runs copied before the checkpoint, from the journal's Copy records.
     pub(crate) copied_before: Vec<Copied>,
+    /// Runs shared before the checkpoint, from its Share records.
+    pub(crate) shared_before: Vec<SharedRun>,
 }
 
 /// Opens the merged files a journal names, top first, and checks that they
@@ -563,9 +627,10 @@ impl Resume<'_> {
             .expected_digest
             .as_deref()
             .and_then(|h| blake3::Hash::from_hex(h).ok());
-        let mut copied = self.copied_before;
-        copied.extend(applied.copied);
-        let verified = finish(self.tx, copied, expected)?;
+        let mut runs = applied.runs;
+        runs.copied.extend(self.copied_before);
+        runs.shared.extend(self.shared_before);
+        let verified = finish(self.tx, runs, expected)?;
         let plan = Plan {
             child: self.tx.files.get(1).cloned().unwrap_or_default(),
             ancestor: a_path.clone(),

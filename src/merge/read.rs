@@ -4,11 +4,13 @@
 //! afterwards; and the pool of read buffers both share.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use super::share::Sharing;
 use super::{Run, for_each_run};
 use crate::disk::{Chain, Extent, Layer};
 use crate::error::{Error, Result};
+use crate::io::SharedFile;
 
 /// Runs handled together (their reads merged).
 pub(super) const GROUP_BYTES: u64 = 8 << 20;
@@ -73,30 +75,55 @@ pub(super) fn verify_group(
     Ok(())
 }
 
-/// Runs with their data and its BLAKE3 hash; `None` for runs with no
-/// source (zeros), which the writer handles.
+/// How the writer gets a run's bytes.
+pub(super) enum Loaded {
+    /// Read: its piece in `pieces` and the piece's BLAKE3.
+    Read(usize, [u8; 32]),
+    /// Not read: put straight from this merged file at this offset
+    /// (cloned where the file system can).
+    Shared(Arc<SharedFile>, u64),
+    /// No source: zeros.
+    Zeros,
+}
+
+/// Runs with how to get their bytes.
 pub(super) struct ReadGroup {
     pub(super) runs: Vec<Run>,
     pub(super) pieces: Pieces,
-    /// Per run: its piece in `pieces` and the piece's hash.
-    pub(super) datas: Vec<Option<(usize, [u8; 32])>>,
+    pub(super) datas: Vec<Loaded>,
 }
 
-fn read_group(layers: &[Box<dyn Layer>], runs: Vec<Run>, buffers: &Buffers) -> Result<ReadGroup> {
+fn read_group(
+    layers: &[Box<dyn Layer>],
+    sharing: &Sharing,
+    runs: Vec<Run>,
+    buffers: &Buffers,
+) -> Result<ReadGroup> {
+    let datas: Vec<Loaded> = runs
+        .iter()
+        .map(|r| match (r.source, sharing.active(r.level)) {
+            (Some(fo), Some(f)) => Loaded::Shared(f.clone(), fo),
+            (Some(_), None) => Loaded::Read(0, [0; 32]),
+            (None, _) => Loaded::Zeros,
+        })
+        .collect();
     let reqs: Vec<(usize, u64, u64)> = runs
         .iter()
-        .filter_map(|r| r.source.map(|fo| (r.level, fo, r.len)))
+        .zip(&datas)
+        .filter(|(_, d)| matches!(d, Loaded::Read(..)))
+        .filter_map(|(r, _)| r.source.map(|fo| (r.level, fo, r.len)))
         .collect();
     let pieces = read_pieces(layers, &reqs, buffers)?;
     let mut next = 0;
-    let datas = runs
-        .iter()
-        .map(|r| {
-            r.source.map(|_| {
+    let datas = datas
+        .into_iter()
+        .map(|d| match d {
+            Loaded::Read(..) => {
                 let k = next;
                 next += 1;
-                (k, *blake3::hash(pieces.get(k)).as_bytes())
-            })
+                Loaded::Read(k, *blake3::hash(pieces.get(k)).as_bytes())
+            }
+            other => other,
         })
         .collect();
     Ok(ReadGroup {
@@ -112,6 +139,7 @@ pub(super) fn read_groups(
     chain: &Chain,
     ancestor: usize,
     from: u64,
+    sharing: &Sharing,
     buffers: &Buffers,
     tx: &std::sync::mpsc::SyncSender<Result<ReadGroup>>,
 ) {
@@ -122,12 +150,12 @@ pub(super) fn read_groups(
         group.push(r);
         if group_bytes >= GROUP_BYTES || group.len() >= 4096 {
             group_bytes = 0;
-            let g = read_group(&chain.layers, std::mem::take(&mut group), buffers)?;
+            let g = read_group(&chain.layers, sharing, std::mem::take(&mut group), buffers)?;
             tx.send(Ok(g)).map_err(|_| Error::Stopped("writer"))?;
         }
         Ok(())
     });
-    let last = walked.and_then(|()| read_group(&chain.layers, group, buffers));
+    let last = walked.and_then(|()| read_group(&chain.layers, sharing, group, buffers));
     // If the writer has gone its own error is the one reported.
     let _ = tx.send(last);
 }

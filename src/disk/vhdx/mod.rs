@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use uuid::Uuid;
 
-use super::{Extent, Format, Identity, Kind, Layer, LayerInfo, ParentRef, Warning};
+use super::{Extent, Format, Identity, Kind, Layer, LayerInfo, ParentRef, Payload, Warning};
 use crate::error::{Error, Result};
 use crate::format::vhdx::bat::{self, Geometry};
 use crate::format::vhdx::header::Header;
@@ -540,16 +540,20 @@ impl Layer for VhdxDisk {
         self.src.read(buf, file_offset, "payload data")
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+    fn file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.src.io.fd()
+    }
+
+    fn put(&mut self, offset: u64, data: Payload<'_>) -> Result<()> {
         let ls = self.logical_sector;
         if !offset.is_multiple_of(ls)
-            || !(data.len() as u64).is_multiple_of(ls)
-            || offset + data.len() as u64 > self.virtual_size
+            || !data.len().is_multiple_of(ls)
+            || offset + data.len() > self.virtual_size
         {
             return Err(Error::BadWrite {
                 path: self.src.path.clone(),
                 offset,
-                len: data.len() as u64,
+                len: data.len(),
                 rule: format!("is not aligned to {ls}-byte sectors or passes the disk's end"),
             });
         }

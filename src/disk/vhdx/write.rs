@@ -114,14 +114,14 @@ impl VhdxDisk {
     }
 
     /// Writes within one block.
-    pub(super) fn write_block(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+    pub(super) fn write_block(&mut self, offset: u64, data: Payload<'_>) -> Result<()> {
         let bs = self.geo.block_size;
         let block = offset / bs;
         let in_block = offset % bs;
         let idx = self.geo.pb_index(block);
         let e = self.bat[idx as usize];
         let st = bat::state(e);
-        let whole = in_block == 0 && data.len() as u64 == bs.min(self.virtual_size - block * bs);
+        let whole = in_block == 0 && data.len() == bs.min(self.virtual_size - block * bs);
         let base = match st {
             bat::PAYLOAD_FULLY_PRESENT | bat::PAYLOAD_PARTIALLY_PRESENT => bat::offset(e),
             _ => {
@@ -139,10 +139,10 @@ impl VhdxDisk {
                 at
             }
         };
-        self.src.write(data, base + in_block, "payload data")?;
+        self.src.put(data, base + in_block, "payload data")?;
         if bat::state(self.bat[idx as usize]) == bat::PAYLOAD_PARTIALLY_PRESENT {
             let ls = self.logical_sector;
-            self.set_bits(block, in_block / ls, data.len() as u64 / ls)?;
+            self.set_bits(block, in_block / ls, data.len() / ls)?;
         }
         Ok(())
     }
