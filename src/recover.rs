@@ -118,11 +118,20 @@ pub fn recover_with(
 ) -> Result<RecoverReport> {
     match find(disk)? {
         Some(jpath) => recover_journal(&jpath, rollback, opts, progress),
-        None => Ok(RecoverReport::new(
-            None,
-            Outcome::NothingToRecover,
-            "nothing to recover",
-        )),
+        None => {
+            // A merge that ended between deleting its journal and the
+            // journal's image file leaves the latter, which nothing needs.
+            let jpath = journal::path_for(disk);
+            if journal::images::path_for(&jpath).exists() {
+                journal::images::remove(&jpath)?;
+                journal::sync_dir(&jpath)?;
+            }
+            Ok(RecoverReport::new(
+                None,
+                Outcome::NothingToRecover,
+                "nothing to recover",
+            ))
+        }
     }
 }
 
@@ -281,7 +290,7 @@ fn resume(
             });
         }
     };
-    restore(begin, &tx.files, &records[at + 1..], &cp.lengths)?;
+    restore(&tx.jpath, begin, &tx.files, &records[at + 1..], &cp.lengths)?;
     tx.locks.refresh()?;
     failpoint(Failpoint::AfterPartialUndo);
     // Runs before the checkpoint, for the final verification (a run an

@@ -46,6 +46,9 @@ struct Scenario {
     fixed_base: bool,
     /// The base has a live log at the start (VHDX; the preflight replays it).
     dirty_log: bool,
+    /// The merge clones its runs (emulated: a clone is traced, and
+    /// crashes, as the write of the source's bytes it amounts to).
+    clones: bool,
 }
 
 fn build(s: &Scenario, dir: &Path) -> PathBuf {
@@ -80,6 +83,11 @@ fn build_with(s: &Scenario, dir: &Path, extra: usize) -> PathBuf {
             create::create_child(&p, &paths[i - 1], Some(bs)).unwrap();
         }
         let mut c = common::open_writable(&p);
+        if s.clones && i == 0 {
+            // A full base: the merge overwrites its data in long runs,
+            // whose before-images are cloned.
+            c.write(0, &rng.bytes(4 << 20)).unwrap();
+        }
         // Whole blocks and partial sectors, overlapping the parent's data.
         c.write((i as u64) << 20, &rng.bytes(1 << 20)).unwrap();
         c.write(3_000_000 + i as u64 * 5000, &rng.bytes(9000))
@@ -167,9 +175,9 @@ impl Finished {
     }
 }
 
-fn run_merge(child: &Path, o: &MergeOptions) -> vhdmerge::Result<()> {
+fn run_merge(child: &Path, o: &MergeOptions) -> vhdmerge::Result<merge::Report> {
     let p = merge::prepare(child, o)?;
-    merge::execute(p, o, &mut |_, _| {}).map(|_| ())
+    merge::execute(p, o, &mut |_, _| {})
 }
 
 /// Recovers `dir` (if a journal is there) and checks the invariant: the
@@ -195,7 +203,11 @@ fn recover_and_check(
     let action = journal
         .as_ref()
         .map(|l| recover::decide(&State::of(&l.records), rollback));
-    if jpath.exists() {
+    // A journal's image file outlives it when a crash falls between
+    // deleting the two; `recover` deletes it.
+    let images = vhdmerge::journal::images::path_for(&jpath);
+    let had_journal = jpath.exists();
+    if had_journal || images.exists() {
         trace::start(dir, false, None, true);
         let r = std::panic::catch_unwind(|| recover::recover(&a, rollback));
         trace::stop();
@@ -211,6 +223,7 @@ fn recover_and_check(
             Ok(Ok(rep)) => {
                 let want = match action {
                     Some(Action::Finish | Action::Resume) => Outcome::Finished,
+                    None if !had_journal => Outcome::NothingToRecover,
                     _ => Outcome::RolledBack,
                 };
                 if rep.outcome != want {
@@ -342,10 +355,18 @@ fn explore(s: &Scenario, p: Params) -> Totals {
     o.checkpoint_bytes = p.checkpoint_bytes;
     let wchild = work.path().join(name(&child));
     trace::start(work.path(), true, None, true);
+    trace::set_emulate_clones(s.clones);
     vhdmerge::guid::set_seed(Some(4242));
     let r = run_merge(&wchild, &o);
     let (ops, _) = trace::stop();
-    r.unwrap();
+    let cloned = r.unwrap().sharing.cloned_bytes;
+    assert_eq!(cloned > 0, s.clones, "{}: cloned {cloned} bytes", s.name);
+    // Cloned scenarios overwrite the base's data: their before-images
+    // must go to the journal's image file (CloneImage), and be explored.
+    let images_written = ops.iter().any(
+        |op| matches!(op, Op::Write { path, .. } if path.to_string_lossy().ends_with(".images")),
+    );
+    assert_eq!(images_written, s.clones, "{}: image file written", s.name);
     let files = work.read();
     let finished = Finished::of(work.path(), files);
     let ancestor = ancestor_name(s, &o);
@@ -456,6 +477,31 @@ fn crash_during_recovery(
             for &rollback in modes(&second, ancestor) {
                 scratch.set(&second);
                 if let Err(e) = recover_and_check(scratch, ancestor, start, finished, rollback) {
+                    if let Some(d) = std::env::var_os("VHDMERGE_CRASH_DUMP") {
+                        scratch.set(&second);
+                        let _ = std::process::Command::new("cp")
+                            .arg("-r")
+                            .arg(scratch.path())
+                            .arg(&d)
+                            .status();
+                        scratch.set(state);
+                        let mut s1 = d.clone();
+                        s1.push(".state");
+                        let _ = std::process::Command::new("cp")
+                            .arg("-r")
+                            .arg(scratch.path())
+                            .arg(&s1)
+                            .status();
+                        scratch.set(start);
+                        let mut s0 = d.clone();
+                        s0.push(".start");
+                        let _ = std::process::Command::new("cp")
+                            .arg("-r")
+                            .arg(scratch.path())
+                            .arg(&s0)
+                            .status();
+                        scratch.forget();
+                    }
                     panic!(
                         "{scenario}: crash during recovery before its operation {i} of {}, rollback={rollback}: {e}",
                         ops.len()
@@ -481,7 +527,9 @@ fn scenarios() -> Vec<Scenario> {
         relink,
         fixed_base,
         dirty_log,
+        clones: false,
     };
+    let cloned = |s: Scenario| Scenario { clones: true, ..s };
     vec![
         sc("vhdx one level", true, vec![m, m], 0, false, false, false),
         sc(
@@ -565,6 +613,24 @@ fn scenarios() -> Vec<Scenario> {
             true,
             false,
         ),
+        cloned(sc(
+            "vhdx cloned runs, mixed block sizes",
+            true,
+            vec![2 * m, m, m],
+            0,
+            false,
+            false,
+            false,
+        )),
+        cloned(sc(
+            "vhd cloned runs",
+            false,
+            vec![2 * m, 2 * m],
+            0,
+            false,
+            false,
+            false,
+        )),
     ]
 }
 
@@ -715,6 +781,7 @@ fn faults_at_every_operation_abort_cleanly() {
         work.set(&start);
         let o = opts(&s, work.path());
         trace::start(work.path(), false, None, true);
+        trace::set_emulate_clones(s.clones);
         vhdmerge::guid::set_seed(Some(4242));
         run_merge(&work.path().join(name(&child)), &o).unwrap();
         let (_, count) = trace::stop();
@@ -725,6 +792,7 @@ fn faults_at_every_operation_abort_cleanly() {
             for fault in [Fault::EioOnce, Fault::EioPersistent, Fault::NoSpace] {
                 work.set(&start);
                 trace::start(work.path(), false, Some((at, fault)), true);
+                trace::set_emulate_clones(s.clones);
                 vhdmerge::guid::set_seed(Some(4242));
                 let r = std::panic::catch_unwind(|| run_merge(&work.path().join(name(&child)), &o));
                 trace::stop();

@@ -219,8 +219,10 @@ fn merge_on(kind: &str) {
             let merged = report["plan"]["bytes"].as_u64().unwrap();
             let cloned = report["sharing"]["cloned_bytes"].as_u64().unwrap();
             let shared = shared_bytes(&base);
+            let journal = report["journal_bytes"].as_u64().unwrap();
+            let overwritten = report["plan"]["overwrite_bytes"].as_u64().unwrap();
             eprintln!(
-                "{kind} case {k} copy={copy}: merged {merged}, cloned {cloned}, copied {}, base shares {shared}, used space grew {grown}",
+                "{kind} case {k} copy={copy}: merged {merged}, cloned {cloned}, copied {}, base shares {shared}, used space grew {grown}, journal {journal} bytes for {overwritten} overwritten",
                 report["sharing"]["copied_bytes"]
             );
             if copy {
@@ -246,6 +248,12 @@ fn merge_on(kind: &str) {
             assert!(
                 shared >= cloned,
                 "{kind} case {k}: the base shares {shared} bytes, {cloned} were cloned"
+            );
+            // The before-images of the overwrites went to the image file,
+            // cloned: the journal keeps only small ones.
+            assert!(
+                journal * 8 < overwritten,
+                "{kind} case {k}: journal of {journal} bytes for {overwritten} overwritten"
             );
             assert!(
                 grown * 4 < merged,
@@ -293,4 +301,68 @@ fn merges_on_xfs_with_reflink() {
 #[test]
 fn merges_on_btrfs() {
     merge_on("btrfs");
+}
+
+/// Bytes of every file in `dir`, by name.
+fn files_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A merge that clones its runs and its before-images, aborted after its
+/// second batch: `recover --rollback` restores every file byte for byte
+/// (cloning the images back), and `recover` finishes it.
+#[test]
+fn interrupted_cloning_merges_on_xfs_roll_back_and_resume() {
+    let Some(fs) = mount("xfs") else { return };
+    let mut rng = Rng(22);
+    let c = &cases()[0];
+    for rollback in [true, false] {
+        let dir = fs.path().join(format!("interrupted-{rollback}"));
+        std::fs::create_dir(&dir).unwrap();
+        let (base, child) = build(&dir, c, &mut rng);
+        let want = digest_of(&child);
+        let start = files_of(&dir);
+        let o = Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
+            .args([
+                "--quiet",
+                "merge",
+                "--batch",
+                "1M",
+                "--checkpoint-every",
+                "2M",
+            ])
+            .arg(&child)
+            .env("VHDMERGE_FAIL_AT", "after-batch-2")
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "the failpoint did not stop the merge");
+        let jpath = vhdmerge::journal::path_for(&base);
+        let images = vhdmerge::journal::images::path_for(&jpath);
+        assert!(
+            images.exists(),
+            "the before-images were not cloned into {}",
+            images.display()
+        );
+        let mut args = vec!["recover", base.to_str().unwrap()];
+        if rollback {
+            args.push("--rollback");
+        }
+        ok(&args);
+        assert!(!jpath.exists() && !images.exists(), "journal files left");
+        if rollback {
+            assert!(files_of(&dir) == start, "rollback is not byte-identical");
+        } else {
+            assert_eq!(digest_of(&base), want, "the resumed merge");
+            check_result("xfs", 0, c, &base, &dir, &want);
+        }
+    }
 }

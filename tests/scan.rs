@@ -677,3 +677,34 @@ fn the_real_images_scan_as_their_chains() {
         assert_eq!(file(&v, &n)["content_digest"], want, "{n}");
     }
 }
+
+/// An image file left without its journal (a crash between deleting the
+/// two) is named, not taken for a disk even when it starts like one, and
+/// the `recover` the finding names deletes it.
+#[test]
+fn a_leftover_image_file_is_a_warning_that_recover_clears() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut rng = Rng(10);
+    new_base(&d.join("vm.vhdx"), &mut rng);
+    let images = d.join("vm.vhdx.vhdmerge-journal.images");
+    // Cloned pages of the base, its file identifier among them.
+    std::fs::copy(d.join("vm.vhdx"), &images).unwrap();
+    let (v, code) = scan(&[d], &[]);
+    assert_eq!(code, 0, "{v:#}");
+    let f = finding(&v, "stale_journal_images");
+    assert_eq!(name(&f["path"]), "vm.vhdx.vhdmerge-journal.images");
+    let files: Vec<String> = v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| name(&f["path"]))
+        .collect();
+    assert_eq!(files, vec!["vm.vhdx".to_string()]);
+    let cmd = f["commands"][0].as_str().unwrap().to_string();
+    assert!(cmd.starts_with("vhdmerge recover "), "{cmd}");
+    ok_code(&["recover", d.join("vm.vhdx").to_str().unwrap()], 0);
+    assert!(!images.exists());
+    let (v, _) = scan(&[d], &[]);
+    assert!(kinds(&v).is_empty(), "{v:#}");
+}

@@ -269,7 +269,8 @@ pub fn layout(
     const PLAIN: u32 = FIEMAP_EXTENT_LAST | FIEMAP_EXTENT_SHARED | FIEMAP_EXTENT_MERGED;
     let mut out: Vec<(u64, u64, u64)> = Vec::new();
     for e in extents(fd, offset, len)? {
-        if e.flags & !PLAIN != 0 {
+        // A file system that reports no physical places (0) proves nothing.
+        if e.flags & !PLAIN != 0 || e.physical == 0 {
             return Ok(None);
         }
         let start = e.logical.max(offset);

@@ -2,6 +2,7 @@
 //! The byte layout is specified in `journal-format.md`; this module knows
 //! nothing of VHD or VHDX beyond the fields of its records.
 
+pub mod images;
 pub mod record;
 pub mod state;
 pub mod storage;
@@ -17,7 +18,7 @@ pub use state::State;
 pub const MAGIC: u32 = u32::from_le_bytes(*b"VMJR");
 /// Frames written by this version; it reads versions 1 to 4 (version 1
 /// has no Plan or Checkpoint records, version 2 no ZeroImage, version 3
-/// no Share).
+/// no Share or CloneImage).
 pub const VERSION: u16 = 4;
 pub const FRAME_HEADER: usize = 24;
 /// Records larger than this are refused (a before-image batch is far smaller).
@@ -228,6 +229,8 @@ pub struct Writer {
     /// Checkpoint records appended so far (in this process): the
     /// write-ahead storage starts imaging afresh after each.
     checkpoints: u64,
+    /// Where large before-images are cloned, once enabled.
+    images: Option<images::ImageFile>,
 }
 
 impl Writer {
@@ -254,6 +257,11 @@ impl Writer {
                 Error::io(path, "creating the journal", e)
             }
         })?;
+        // An image file without its journal is left from a merge that
+        // ended between deleting the two: nothing needs it.
+        if images::path_for(path).exists() {
+            images::remove(path)?;
+        }
         let mut w = Writer {
             path: path.to_path_buf(),
             file,
@@ -261,6 +269,7 @@ impl Writer {
             seq: 0,
             pending: Vec::new(),
             checkpoints: 0,
+            images: None,
         };
         w.append(&Record::Begin(begin));
         if let Some(r) = second.into() {
@@ -289,7 +298,21 @@ impl Writer {
             seq: loaded.records.len() as u64,
             pending: Vec::new(),
             checkpoints: 0,
+            images: None,
         })
+    }
+
+    /// Lets the write-ahead storage clone large before-images into the
+    /// image file (a merge that may share blocks turns it on).
+    pub fn enable_images(&mut self) {
+        if self.images.is_none() {
+            self.images = Some(images::ImageFile::new(&self.path));
+        }
+    }
+
+    /// The image file, when enabled.
+    pub fn images(&mut self) -> Option<&mut images::ImageFile> {
+        self.images.as_mut()
     }
 
     pub fn append(&mut self, rec: &Record) {
@@ -314,6 +337,11 @@ impl Writer {
     }
 
     pub fn sync(&mut self) -> Result<()> {
+        // Images before the records that name them.
+        if let Some(i) = self.images.as_mut() {
+            i.flush()
+                .map_err(|e| Error::io(&images::path_for(&self.path), "flushing", e))?;
+        }
         if !self.pending.is_empty() {
             self.file
                 .write_at(&self.pending, self.len)
@@ -339,7 +367,14 @@ pub fn sync_dir(path: &Path) -> Result<()> {
 /// Deletes the journal durably.
 pub fn remove(path: &Path) -> Result<()> {
     fsops::remove_file(path).map_err(|e| Error::io(path, "deleting the journal", e))?;
-    sync_dir(path)
+    sync_dir(path)?;
+    // Only once the journal is durably gone: while it exists, a recovery
+    // may need the images.
+    if images::path_for(path).exists() {
+        images::remove(path)?;
+        sync_dir(path)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -100,6 +100,16 @@ pub enum Record {
         source_level: u32,
         source_offset: u64,
     },
+    /// Version 4: a before-image of `length` bytes of `files[file]` at
+    /// `offset`, kept in the journal's image file at `image_offset`
+    /// (cloned there where the file system can). Same rules as
+    /// `BeforeImage`; the image file is durable before this record is.
+    CloneImage {
+        file: u32,
+        offset: u64,
+        length: u64,
+        image_offset: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +149,7 @@ impl Record {
             Record::Checkpoint(_) => 8,
             Record::ZeroImage { .. } => 9,
             Record::Share { .. } => 10,
+            Record::CloneImage { .. } => 11,
         }
     }
 }

@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::{Record, Writer};
@@ -65,7 +66,15 @@ pub struct Journaled<S: Storage> {
     file: u32,
     journal: Arc<Mutex<Writer>>,
     state: Mutex<State>,
+    /// The file itself as a clone source, for before-images cloned into
+    /// the journal's image file (None when it is not a plain file).
+    own: Option<Arc<SharedFile>>,
 }
+
+/// Runs of at least this many bytes of stored pages are imaged by cloning
+/// them into the journal's image file (when the journal has one), not by
+/// copying their bytes into the journal.
+const CLONE_IMAGE_MIN: u64 = 64 << 10;
 
 fn poisoned() -> io::Error {
     io::Error::other("an earlier I/O error aborted the merge; run `vhdmerge recover`")
@@ -78,10 +87,19 @@ impl<S: Storage> Journaled<S> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .checkpoints();
+        let own = match inner.fd() {
+            Some(fd) => {
+                let block = rustix::fs::fstat(fd)?.st_blksize as u64;
+                let path = Path::new("the file being merged into");
+                Some(Arc::new(SharedFile::new(path, fd, block)?))
+            }
+            None => None,
+        };
         Ok(Journaled {
             inner,
             file,
             journal,
+            own,
             state: Mutex::new(State {
                 epoch,
                 start_len,
@@ -122,6 +140,7 @@ impl<S: Storage> Journaled<S> {
     /// blocks' unwritten sectors byte for byte.
     fn image(&self, st: &mut State, start: u64, end: u64) -> io::Result<()> {
         let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        self.clone_images(st, &mut journal, start, end)?;
         let mut zeros: Option<(u64, u64)> = None;
         // The stored (not hole) run the last lookup found: (start, end).
         let mut stored: Option<(bool, u64, u64)> = None;
@@ -166,6 +185,62 @@ impl<S: Storage> Journaled<S> {
             }
         }
         flush_zeros(&mut journal, self.file, &mut zeros);
+        Ok(())
+    }
+
+    /// Clones runs of at least `CLONE_IMAGE_MIN` of whole stored pages in
+    /// [start, end) not yet imaged into the journal's image file, one
+    /// CloneImage record each, and marks them imaged. Holes and shorter
+    /// runs are left to `image`. Nothing when the journal has no image
+    /// file or the file system refused a clone (the file was copied then,
+    /// which is as correct, and the rest goes into the journal).
+    fn clone_images(
+        &self,
+        st: &mut State,
+        journal: &mut Writer,
+        start: u64,
+        end: u64,
+    ) -> io::Result<()> {
+        let Some(own) = self.own.as_ref().filter(|o| o.enabled()) else {
+            return Ok(());
+        };
+        if journal.images().is_none() {
+            return Ok(());
+        }
+        let end = end.min(st.start_len / PAGE * PAGE);
+        let saved = |st: &State, p: u64| st.saved[(p / 64) as usize] >> (p % 64) & 1 == 1;
+        let mut page = start / PAGE;
+        while page * PAGE < end {
+            if saved(st, page) {
+                page += 1;
+                continue;
+            }
+            let off = page * PAGE;
+            let (data, n) = crate::io::stored_run(&self.inner, off, end - off)?;
+            if !data {
+                page = ((off + n) / PAGE).max(page + 1);
+                continue;
+            }
+            let mut last = page;
+            while last < (off + n) / PAGE && !saved(st, last) {
+                last += 1;
+            }
+            let len = (last - page) * PAGE;
+            if len >= CLONE_IMAGE_MIN {
+                let images = journal.images().expect("checked above");
+                let image_offset = images.put(own, off, len)?;
+                for p in page..last {
+                    st.saved[(p / 64) as usize] |= 1 << (p % 64);
+                }
+                journal.append(&Record::CloneImage {
+                    file: self.file,
+                    offset: off,
+                    length: len,
+                    image_offset,
+                });
+            }
+            page = last.max(page + 1);
+        }
         Ok(())
     }
 

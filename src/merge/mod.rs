@@ -373,6 +373,13 @@ impl Apply<'_> {
         let levels = self.chain.layers.len();
         let mut points = DurablePoints::new(opts, tx, self.total);
         let sharing = Sharing::new(self.chain, &tx.ancestor, opts.share)?;
+        if opts.share {
+            // Before-images of large runs are cloned too (journal/images.rs).
+            tx.journal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enable_images();
+        }
         let mut copied: Vec<Copied> = Vec::new();
         let mut shared: Vec<SharedRun> = Vec::new();
         let mut deciles: Vec<f64> = Vec::new();

@@ -74,8 +74,39 @@ fn walk_dir(
             found.journals.push(p);
             continue;
         }
+        if let Some(journal) = image_file_journal(&p) {
+            // Part of a pending merge, reported with its journal; alone,
+            // a leftover (journal-format.md §3.5).
+            if !journal.exists() {
+                found.findings.push(stale_images(&p, &journal));
+            }
+            continue;
+        }
         classify(p, found);
     }
+}
+
+/// The journal whose image file `p` is, by name.
+fn image_file_journal(p: &Path) -> Option<PathBuf> {
+    let name = p.to_string_lossy();
+    let journal = name.strip_suffix(".images")?;
+    journal.ends_with(SUFFIX).then(|| PathBuf::from(journal))
+}
+
+fn stale_images(p: &Path, journal: &Path) -> Finding {
+    let ancestor = PathBuf::from(
+        journal
+            .to_string_lossy()
+            .trim_end_matches(SUFFIX)
+            .to_string(),
+    );
+    Finding::new(
+        Severity::Warning,
+        "stale_journal_images",
+        p,
+        "before-images of a merge that has ended (its journal is gone, a crash fell between deleting the two); nothing needs them".into(),
+        vec![format!("vhdmerge recover {}", super::quote(&ancestor))],
+    )
 }
 
 fn classify(p: PathBuf, found: &mut Found) {

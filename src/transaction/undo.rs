@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::io::{FileStorage, Storage};
+use crate::io::{FileStorage, SharedFile, Storage};
 use crate::journal::{self, Begin, Record, Role};
 
 use crate::failpoint::{Failpoint, failpoint};
@@ -39,7 +39,7 @@ pub(crate) fn rollback_all(
     records: &[Record],
 ) -> Result<()> {
     let lengths: Vec<u64> = begin.files.iter().map(|f| f.length).collect();
-    restore(begin, paths, records, &lengths)?;
+    restore(jpath, begin, paths, records, &lengths)?;
     journal::remove(jpath)
 }
 
@@ -49,42 +49,57 @@ pub(crate) fn rollback_all(
 /// flushes. With all records and the Begin lengths this is the start;
 /// with the records after a checkpoint and its lengths, that checkpoint.
 pub(crate) fn restore(
+    jpath: &Path,
     begin: &Begin,
     paths: &[PathBuf],
     records: &[Record],
     lengths: &[u64],
 ) -> Result<()> {
-    let mut images: BTreeMap<u32, Vec<(u64, &[u8])>> = BTreeMap::new();
+    let mut images: BTreeMap<u32, Vec<(u64, Image)>> = BTreeMap::new();
     let mut seen = std::collections::HashSet::new();
     for r in records {
-        // Each page's first image, as (offset, bytes): a ZeroImage stands
-        // for its pages of zeros.
-        let pages: Vec<(u32, u64, &[u8])> = match r {
-            Record::BeforeImage { file, offset, data } => vec![(*file, *offset, data.as_slice())],
+        // Each page's first image: a ZeroImage stands for its pages of
+        // zeros, a CloneImage for its pages in the image file.
+        let (file, offset, length, image) = match r {
+            Record::BeforeImage { file, offset, data } => {
+                (*file, *offset, data.len() as u64, Image::Bytes(data))
+            }
             Record::ZeroImage {
                 file,
                 offset,
                 length,
-            } => (0..length.div_ceil(PAGE))
-                .map(|k| {
-                    let at = offset + k * PAGE;
-                    (
-                        *file,
-                        at,
-                        &ZERO_PAGE[..PAGE.min(offset + length - at) as usize],
-                    )
-                })
-                .collect(),
+            } => (*file, *offset, *length, Image::Bytes(&ZERO_PAGE)),
+            Record::CloneImage {
+                file,
+                offset,
+                length,
+                image_offset,
+            } => (*file, *offset, *length, Image::Kept(*image_offset)),
             _ => continue,
         };
-        for (file, offset, data) in pages {
-            if seen.insert((file, offset))
-                && lengths.get(file as usize).is_some_and(|l| offset < *l)
-            {
-                images.entry(file).or_default().push((offset, data));
+        for k in 0..length.div_ceil(PAGE) {
+            let at = offset + k * PAGE;
+            let n = PAGE.min(offset + length - at);
+            let page = match image {
+                Image::Bytes(b) if b.len() as u64 == length => {
+                    Image::Bytes(&b[(k * PAGE) as usize..(k * PAGE + n) as usize])
+                }
+                Image::Bytes(zeros) => Image::Bytes(&zeros[..n as usize]),
+                Image::Kept(i) => Image::Kept(i + k * PAGE),
+            };
+            if seen.insert((file, at)) && lengths.get(file as usize).is_some_and(|l| at < *l) {
+                images.entry(file).or_default().push((at, page));
             }
         }
     }
+    let kept = match images
+        .values()
+        .flatten()
+        .any(|(_, i)| matches!(i, Image::Kept(_)))
+    {
+        true => Some(std::sync::Arc::new(journal::images::open(jpath)?)),
+        false => None,
+    };
     for (i, (f, p)) in begin.files.iter().zip(paths).enumerate() {
         // Merged files are never written before cleanup, so there is
         // nothing to undo in them; leaving them alone also leaves alone
@@ -93,42 +108,85 @@ pub(crate) fn restore(
             continue;
         }
         let list = images.get(&(i as u32)).map(Vec::as_slice).unwrap_or(&[]);
-        restore_file(p, list, lengths.get(i).copied().unwrap_or(f.length))?;
+        let length = lengths.get(i).copied().unwrap_or(f.length);
+        restore_file(p, list, kept.as_ref(), length)?;
     }
     Ok(())
 }
 
-fn restore_file(p: &Path, list: &[(u64, &[u8])], length: u64) -> Result<()> {
+/// A page's before-image: bytes (from the journal, or zeros), or kept in
+/// the journal's image file at an offset.
+#[derive(Clone, Copy)]
+enum Image<'a> {
+    Bytes(&'a [u8]),
+    Kept(u64),
+}
+
+fn restore_file(
+    p: &Path,
+    list: &[(u64, Image)],
+    kept: Option<&std::sync::Arc<SharedFile>>,
+    length: u64,
+) -> Result<()> {
     let io = FileStorage::open(p, true)?;
-    let restore = |off: u64, data: &[u8]| {
-        io.write_at(data, off)
-            .map_err(|e| Error::io(p, "restoring a before-image", e))
+    let restore = |off: u64, image: Image, len: u64| -> Result<()> {
+        match (image, kept) {
+            (Image::Bytes(data), _) => io.write_at(data, off),
+            // Cloned back where the file system can: no copy either way.
+            (Image::Kept(at), Some(kept)) => io.put_from(kept, at, off, len),
+            (Image::Kept(_), None) => unreachable!("opened when any image is kept"),
+        }
+        .map_err(|e| Error::io(p, "restoring a before-image", e))
+    };
+    let len_of = |image: Image| match image {
+        Image::Bytes(b) => b.len() as u64,
+        Image::Kept(_) => PAGE,
     };
     // The header section first, one page at a time with a flush after
     // each: a crash here then tears at most one of the two VHDX headers,
     // so the next recovery can still tell which file this is.
     // Restore a header that is currently torn before the one that is
     // still valid, so that one valid header survives any single crash.
-    let mut head: Vec<&(u64, &[u8])> = list.iter().filter(|(o, _)| *o < HEADER_SECTION).collect();
+    let mut head: Vec<&(u64, Image)> = list.iter().filter(|(o, _)| *o < HEADER_SECTION).collect();
     head.sort_by_key(|(o, _)| (header_is_valid(&io, *o), *o));
-    for (off, data) in head {
-        restore(*off, data)?;
+    for &&(off, image) in &head {
+        restore(off, image, len_of(image).min(length.saturating_sub(off)))?;
         io.flush().map_err(|e| Error::io(p, "flushing", e))?;
     }
-    // The rest in record order, runs of adjacent images as one write
-    // (they are journaled a page at a time).
-    let mut run: (u64, Vec<u8>) = (0, Vec::new());
-    for (off, data) in list.iter().filter(|(o, _)| *o >= HEADER_SECTION) {
-        if run.1.is_empty() || run.0 + run.1.len() as u64 != *off || run.1.len() >= 1 << 20 {
-            if !run.1.is_empty() {
-                restore(run.0, &run.1)?;
+    // The rest in record order, runs of adjacent images as one write or
+    // clone (they are journaled a page at a time or in runs).
+    let mut run: Option<(u64, Run)> = None;
+    for &(off, image) in list.iter().filter(|(o, _)| *o >= HEADER_SECTION) {
+        let extends = match (&mut run, image) {
+            (Some((start, Run::Bytes(b))), Image::Bytes(d))
+                if *start + b.len() as u64 == off && b.len() < 1 << 20 =>
+            {
+                b.extend_from_slice(d);
+                true
             }
-            run = (*off, Vec::new());
+            (Some((start, Run::Kept(at, n))), Image::Kept(i))
+                if *start + *n == off && *at + *n == i =>
+            {
+                *n += PAGE;
+                true
+            }
+            _ => false,
+        };
+        if !extends {
+            if let Some((start, r)) = run.take() {
+                restore_run(&restore, start, r, length)?;
+            }
+            run = Some((
+                off,
+                match image {
+                    Image::Bytes(d) => Run::Bytes(d.to_vec()),
+                    Image::Kept(i) => Run::Kept(i, PAGE),
+                },
+            ));
         }
-        run.1.extend_from_slice(data);
     }
-    if !run.1.is_empty() {
-        restore(run.0, &run.1)?;
+    if let Some((start, r)) = run {
+        restore_run(&restore, start, r, length)?;
     }
     failpoint(Failpoint::MidRollback);
     let len = io.len().map_err(|e| Error::io(p, "reading size", e))?;
@@ -137,4 +195,24 @@ fn restore_file(p: &Path, list: &[(u64, &[u8])], length: u64) -> Result<()> {
             .map_err(|e| Error::io(p, "restoring the length", e))?;
     }
     io.flush().map_err(|e| Error::io(p, "flushing", e))
+}
+
+/// Adjacent page images gathered into one restore.
+enum Run {
+    Bytes(Vec<u8>),
+    /// Image-file offset and length.
+    Kept(u64, u64),
+}
+
+fn restore_run(
+    restore: &impl Fn(u64, Image, u64) -> Result<()>,
+    start: u64,
+    run: Run,
+    length: u64,
+) -> Result<()> {
+    match run {
+        Run::Bytes(b) => restore(start, Image::Bytes(&b), b.len() as u64),
+        // A kept run never passes the length it was imaged below.
+        Run::Kept(at, n) => restore(start, Image::Kept(at), n.min(length.saturating_sub(start))),
+    }
 }
