@@ -19,6 +19,19 @@ rm -rf "$W"; mkdir -p "$W"
 GiB=$((1 << 30)); MiB=$((1 << 20))
 
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
+# Used bytes of the file system holding $W, once settled (XFS frees the
+# blocks of deleted files in the background).
+used() {
+    local last now
+    last=$(sync -f "$W"; stat -f -c '%b %f %S' "$W" | awk '{print ($1 - $2) * $3}')
+    for _ in $(seq 50); do
+        sleep 0.1
+        now=$(sync -f "$W"; stat -f -c '%b %f %S' "$W" | awk '{print ($1 - $2) * $3}')
+        [ "$now" = "$last" ] && break
+        last=$now
+    done
+    echo "$last"
+}
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 # timed NAME CMD...: runs CMD under /usr/bin/time, appends "secs rss_kib" to $W/NAME.times
@@ -135,7 +148,7 @@ run() {
     local wl=$1 d=$W/$1/src r=$W/$1/run
     if [ "$wl" = r ]; then run_resume; return; fi
     for round in $(seq "$ROUNDS"); do
-        rm -rf "$r"; mkdir -p "$r"; cp --sparse=always "$d"/* "$r"/
+        rm -rf "$r"; mkdir -p "$r"; cp --sparse=always --reflink=never "$d"/* "$r"/
         merge "$wl-vhdmerge" "$wl" "$r" --json
         cp "$W/$wl-vhdmerge.last" "$W/$wl-report-$round.json"
         case $wl in
@@ -149,14 +162,17 @@ run() {
         # The same merge leaving the merged files (renamed), as qemu-img
         # commit leaves its overlay: deleting a large sparse file is work
         # of the file system (ext4 frees every extent) that the peer skips.
-        rm -rf "$r"; mkdir -p "$r"; cp --sparse=always "$d"/* "$r"/
-        merge "$wl-keep" "$wl" "$r" --keep
+        rm -rf "$r"; mkdir -p "$r"; cp --sparse=always --reflink=never "$d"/* "$r"/
+        local before; before=$(used)
+        merge "$wl-keep" "$wl" "$r" --keep --json
+        echo $(( $(used) - before )) >> "$W/$wl-space"
+        cp "$W/$wl-keep.last" "$W/$wl-keep-report-$round.json"
         # What deleting the merged files costs on its own: the default
         # merge is about --keep plus this.
         timed "$wl-rm" rm -f "$r"/*.merged
         # Without checkpoints but the last (and the 30 s bound): what the
         # default 1 GiB checkpoints cost.
-        rm -rf "$r"; mkdir -p "$r"; cp --sparse=always "$d"/* "$r"/
+        rm -rf "$r"; mkdir -p "$r"; cp --sparse=always --reflink=never "$d"/* "$r"/
         merge "$wl-nockpt" "$wl" "$r" --keep --checkpoint-every 1T
     done
 }
@@ -190,12 +206,12 @@ PY
 run_resume() {
     local d=$W/r/src r=$W/r/run final
     for round in $(seq "$ROUNDS"); do
-        rm -rf "$r"; mkdir -p "$r"; cp --sparse=always "$d"/* "$r"/
+        rm -rf "$r"; mkdir -p "$r"; cp --sparse=always --reflink=never "$d"/* "$r"/
         timed r-full "$V" --quiet merge --keep --json "$r/child.avhdx"
         cp "$W/r-full.last" "$W/r-full-$round.json"
         final=$(stat -c %s "$r/base.vhdx")
         for pct in 50 90; do
-            rm -rf "$r"; mkdir -p "$r"; cp --sparse=always "$d"/* "$r"/
+            rm -rf "$r"; mkdir -p "$r"; cp --sparse=always --reflink=never "$d"/* "$r"/
             local start pid
             start=$(stat -c %s "$r/base.vhdx")
             drop_caches
@@ -289,6 +305,24 @@ done
 echo "| workload | merged data | vhdmerge merge (median) | merge --keep | rm of the merged files | rate | qemu-img commit | ratio vs qemu (merge / --keep) | plain copy + fsync | ratio vs copy (merge / --keep) | vhdmerge peak RSS | journal | first / last decile (last / first) |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for wl in $WORKLOADS; do [ "$wl" = r ] || report "$wl"; done
+echo
+echo "Space and cloning, merge --keep (the merged files stay, so cloned blocks stay shared): the file system's used bytes after minus before (settled), and the bytes the report says were cloned:"
+echo
+echo "| workload | merged | overwrites | used space grew | grew / merged | cloned | journal |"
+echo "|---|---|---|---|---|---|---|"
+for wl in $WORKLOADS; do
+    [ -f "$W/$wl-space" ] || continue
+    python3 - "$wl" "$W" <<'PY'
+import glob, json, statistics, sys
+wl, w = sys.argv[1:]
+grew = statistics.median(int(l) for l in open(f"{w}/{wl}-space"))
+r = json.load(open(sorted(glob.glob(f"{w}/{wl}-keep-report-*.json"))[-1]))
+b, over = r["plan"]["bytes"], r["plan"]["overwrite_bytes"]
+cl = r.get("sharing", {}).get("cloned_bytes", 0)
+m = lambda v: f"{v / 2**20:.0f} MiB"
+print(f"| {wl} | {m(b)} | {m(over)} | {grew / 2**20:.1f} MiB | {grew / b:.2f} | {m(cl)} | {r['journal_bytes'] / 2**20:.1f} MiB |")
+PY
+done
 echo
 echo "Checkpoint cost: merge --keep with the default 1 GiB checkpoints against --checkpoint-every 1T (only the last one, and the 30 s bound):"
 echo

@@ -217,6 +217,8 @@ fn merge_on(kind: &str) {
             );
             check_result(kind, k, c, &base, &dir, &want);
             let merged = report["plan"]["bytes"].as_u64().unwrap();
+            // The preflight's trial clone, which sizes the space asked for.
+            assert_eq!(report["plan"]["cloning"], !copy, "{kind} case {k}");
             let cloned = report["sharing"]["cloned_bytes"].as_u64().unwrap();
             let shared = shared_bytes(&base);
             let journal = report["journal_bytes"].as_u64().unwrap();

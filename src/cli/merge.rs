@@ -120,9 +120,13 @@ fn print_plan(p: &Plan) {
         p.journal.display()
     );
     out!(
-        "  space needed {} bytes, free {} bytes",
+        "  space needed {} bytes, free {} bytes{}",
         p.space_needed,
-        p.free_space
+        p.free_space,
+        match p.cloning {
+            true => " (data and before-images will be cloned: the file system shares blocks)",
+            false => "",
+        }
     );
 }
 

@@ -655,6 +655,7 @@ impl Resume<'_> {
             free_space: 0,
             journal: self.tx.jpath.clone(),
             digest: [0; 32],
+            cloning: verified.sharing.cloned_bytes > 0,
         };
         Ok(Report::new(
             plan,

@@ -45,6 +45,9 @@ pub struct Plan {
     pub journal_estimate: u64,
     pub space_needed: u64,
     pub free_space: u64,
+    /// The merged files can share blocks with the ancestor (a trial clone
+    /// succeeded): runs and before-images will be cloned, not copied.
+    pub cloning: bool,
     pub journal: PathBuf,
     /// BLAKE3 of every run (see `hash_run`): recorded in the journal so
     /// that a resume proves it follows the same plan.
@@ -158,6 +161,14 @@ impl Sizing {
         };
         new_data + self.new_blocks * 4096 + new_data / 64 + self.journal_estimate
     }
+
+    /// The same when the merged files' blocks are shared with the
+    /// ancestor (docs/reflink.md): new data takes only the copied first
+    /// and last page of each run.
+    pub fn space_needed_cloning(&self) -> u64 {
+        let new_data = self.new_pages.min(self.runs * 8192);
+        new_data + self.new_blocks * 4096 + new_data / 64 + self.journal_estimate
+    }
 }
 
 /// Measures a merge into `chain.layers[ancestor]` (see `Sizing`).
@@ -242,7 +253,8 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
         folders.extend(chain.layers[..ancestor].iter().map(|l| folder_of(l.path())));
     }
     preflight::check_writable(&writes, &folders)?;
-    let plan = plan(&chain, ancestor, child, &relink, &siblings)?;
+    let cloning = opts.share && preflight::clones_possible(&chain, ancestor);
+    let plan = plan(&chain, ancestor, child, &relink, &siblings, cloning)?;
     Ok(Prepared {
         chain,
         ancestor,
@@ -314,10 +326,14 @@ fn plan(
     child: &Path,
     relink: &[Dependent],
     siblings: &[Dependent],
+    cloning: bool,
 ) -> Result<Plan> {
     let a = chain.layers[ancestor].as_ref();
     let size = measure(chain, ancestor)?;
-    let space_needed = size.space_needed(preflight::sparse_files(a.path()));
+    let space_needed = match cloning {
+        true => size.space_needed_cloning(),
+        false => size.space_needed(preflight::sparse_files(a.path())),
+    };
     let free_space = preflight::check_space(a.path(), space_needed)?;
     Ok(Plan {
         child: child.to_path_buf(),
@@ -338,6 +354,7 @@ fn plan(
         free_space,
         journal: journal::path_for(a.path()),
         digest: size.digest,
+        cloning,
     })
 }
 
