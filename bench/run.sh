@@ -23,10 +23,10 @@ drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
 # blocks of deleted files in the background).
 used() {
     local last now
-    last=$(sync -f "$W"; stat -f -c '%b %f %S' "$W" | awk '{print ($1 - $2) * $3}')
+    last=$(sync -f "$W"; stat -f -c '%b %f %S' "$W" | awk '{printf "%.0f\n", ($1 - $2) * $3}')
     for _ in $(seq 50); do
         sleep 0.1
-        now=$(sync -f "$W"; stat -f -c '%b %f %S' "$W" | awk '{print ($1 - $2) * $3}')
+        now=$(sync -f "$W"; stat -f -c '%b %f %S' "$W" | awk '{printf "%.0f\n", ($1 - $2) * $3}')
         [ "$now" = "$last" ] && break
         last=$now
     done

@@ -164,6 +164,29 @@ pub fn clone_range(
     })
 }
 
+/// Whether the file system will share `src`'s blocks with a file in
+/// `dir`: one clone of its first `block` bytes into an unnamed temporary
+/// file there (`O_TMPFILE`, gone when closed) is tried. Writes nothing a
+/// user sees; any doubt answers `false`.
+pub fn trial_clone(dir: &Path, src: BorrowedFd<'_>, block: u64) -> bool {
+    use rustix::fs::{Mode, OFlags};
+    #[cfg(feature = "testing")]
+    if super::trace::emulate_clones() {
+        return true;
+    }
+    let Ok(tmp) = rustix::fs::open(
+        dir,
+        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    ) else {
+        return false;
+    };
+    match rustix::fs::fstat(src) {
+        Ok(st) if st.st_size as u64 >= block => clone_range(tmp.as_fd(), 0, src, 0, block).is_ok(),
+        _ => false,
+    }
+}
+
 /// One mapped extent of a file: logical and physical start, length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PhysicalExtent {

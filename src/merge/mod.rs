@@ -373,7 +373,7 @@ impl Apply<'_> {
         let levels = self.chain.layers.len();
         let mut points = DurablePoints::new(opts, tx, self.total);
         let sharing = Sharing::new(self.chain, &tx.ancestor, opts.share)?;
-        if opts.share {
+        if sharing.any_active() {
             // Before-images of large runs are cloned too (journal/images.rs).
             tx.journal
                 .lock()

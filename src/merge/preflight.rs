@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use crate::disk::{Chain, Layer, open_layer};
@@ -252,34 +251,22 @@ pub fn sparse_files(path: &Path) -> bool {
 }
 
 /// Whether every merged level (`chain.layers[..ancestor]`) can share its
-/// blocks with the ancestor: on the ancestor's file system, and a clone of
-/// its first block into an unnamed temporary file beside the ancestor
-/// (`O_TMPFILE`, gone when closed) succeeds. Writes nothing a user sees;
-/// any doubt answers `false`. The merge still falls back to copying if a
-/// later clone is refused; this only decides how much space to ask for.
+/// blocks with the ancestor: on the ancestor's file system, and a trial
+/// clone succeeds (`io::share::trial_clone`). The merge still falls back
+/// to copying if a later clone is refused; this decides how much space
+/// to ask for.
 pub fn clones_possible(chain: &Chain, ancestor: usize) -> bool {
-    use rustix::fs::{Mode, OFlags};
     use std::os::unix::fs::MetadataExt;
     let a = chain.layers[ancestor].path();
     let Ok(meta) = std::fs::metadata(a) else {
         return false;
     };
-    let block = meta.blksize();
-    let Ok(tmp) = rustix::fs::open(
-        crate::paths::folder_of(a),
-        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o600),
-    ) else {
-        return false;
-    };
+    let dir = crate::paths::folder_of(a);
     chain.layers[..ancestor].iter().all(|l| {
-        let Some(fd) = l.file() else { return false };
-        match rustix::fs::fstat(fd) {
-            Ok(st) if st.st_dev == meta.dev() && st.st_size as u64 >= block => {
-                crate::io::share::clone_range(tmp.as_fd(), 0, fd, 0, block).is_ok()
-            }
-            _ => false,
-        }
+        l.file().is_some_and(|fd| {
+            rustix::fs::fstat(fd).is_ok_and(|st| st.st_dev == meta.dev())
+                && crate::io::share::trial_clone(dir, fd, meta.blksize())
+        })
     })
 }
 

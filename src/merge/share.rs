@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::disk::{Chain, Extent};
 use crate::error::{Error, Result};
 use crate::io::SharedFile;
-use crate::io::share::same_blocks;
+use crate::io::share::{same_blocks, trial_clone};
 
 /// A run put from a merged file (a `Share` record): guest offset and
 /// length, the merged level and the file offset there.
@@ -55,13 +55,22 @@ impl Sharing {
                 let dev = rustix::fs::fstat(f.fd().as_fd())
                     .map_err(|e| io(e.into()))?
                     .st_dev;
-                if !enabled || dev != meta.dev() {
+                // A trial clone first: where the file system cannot share,
+                // the reader reads from the start, as it always did.
+                let dir = crate::paths::folder_of(ancestor);
+                if !enabled || dev != meta.dev() || !trial_clone(dir, f.fd(), meta.blksize()) {
                     f.disable();
                 }
                 Ok(Some(Arc::new(f)))
             })
             .collect::<Result<_>>()?;
         Ok(Sharing { files })
+    }
+
+    /// Whether any level shares its blocks (then the before-images can be
+    /// cloned too: the ancestor's file system reflinks).
+    pub(crate) fn any_active(&self) -> bool {
+        self.files.iter().flatten().any(|f| f.enabled())
     }
 
     /// The file to share a run of `level` from, while sharing is on for it.
