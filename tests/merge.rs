@@ -675,3 +675,56 @@ fn refusals_leave_every_byte_alone() {
         .collect();
     assert_eq!(before, after);
 }
+
+/// A VHD merge allocates new blocks in batches: 64 new 2 MiB blocks cost
+/// the ancestor a handful of flushes (a reservation, the commit's), not
+/// two per block; the unused reservation is given back, so the file ends
+/// with its footer right after its last block; and qemu-img reads it as
+/// the child was.
+#[test]
+fn vhd_blocks_are_allocated_in_batches() {
+    use vhdmerge::io::trace::{self, Op};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (base, child) = (d.join("base.vhd"), d.join("child.avhd"));
+    create::create_vhd(
+        &base,
+        &VhdOptions {
+            size: 512 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let base_len = std::fs::metadata(&base).unwrap().len();
+    create::create_child(&child, &base, None).unwrap();
+    let mut c = open_writable(&child);
+    let mut rng = Rng(5);
+    // 100 new blocks of the base: more than one reservation.
+    c.write(0, &rng.bytes(200 << 20)).unwrap();
+    c.close().unwrap();
+    drop(c);
+    let want = digest_of(&child);
+    trace::start(d, true, None, false);
+    let p = merge::prepare(&child, &MergeOptions::default()).unwrap();
+    merge::execute(p, &MergeOptions::default(), &mut |_, _| {}).unwrap();
+    let (ops, _) = trace::stop();
+    let flushes = ops
+        .iter()
+        .filter(|op| matches!(op, Op::Flush { path } if path.ends_with("base.vhd")))
+        .count();
+    assert!(
+        flushes <= 16,
+        "{flushes} flushes of the base for 100 new blocks"
+    );
+    assert_eq!(digest_of(&base), want);
+    // 100 blocks of 2 MiB and a 512-byte bitmap (data 4 KiB aligned),
+    // then the footer: nothing reserved is left.
+    let len = std::fs::metadata(&base).unwrap().len();
+    assert!(
+        len <= base_len + 100 * ((2 << 20) + 4096) + 4096,
+        "the base is {len} bytes"
+    );
+    if need("qemu-img") {
+        assert_eq!(qemu_digest("vpc", &base, d), want);
+    }
+}

@@ -1,6 +1,10 @@
-//! A VHD file as a chain layer: fixed, dynamic and differencing. Appending a
-//! block orders its writes so that every crash point leaves a valid file.
+//! A VHD file as a chain layer: fixed, dynamic and differencing. New blocks
+//! go into space reserved at the end a batch at a time, and their BAT
+//! entries and bitmaps are written at the commit, after their data: one
+//! footer move and a few flushes per batch instead of per block, and every
+//! crash point still leaves a valid file.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -24,7 +28,19 @@ pub struct VhdDisk {
     warnings: Vec<Warning>,
     /// One cached block bitmap: (block, bytes).
     bitmap_cache: Mutex<Option<(u64, Vec<u8>)>>,
+    /// Where the next new block goes, while space before the footer is
+    /// reserved for new blocks (between here and `footer_offset`).
+    free_at: Option<u64>,
+    /// Bitmaps and BAT entries changed since the last commit, which
+    /// writes them after the data they show is durable.
+    dirty_bitmaps: BTreeMap<u64, Vec<u8>>,
+    dirty_bat: BTreeSet<u64>,
 }
+
+/// Blocks reserved at a time: one footer move and flush per this many new
+/// blocks instead of per block. The unused part is given back (the footer
+/// moved back) at each commit.
+const RESERVE_BLOCKS: u64 = 64;
 
 impl VhdDisk {
     pub fn open(path: &Path, writable: bool) -> Result<VhdDisk> {
@@ -48,6 +64,9 @@ impl VhdDisk {
             size,
             warnings,
             bitmap_cache: Mutex::new(None),
+            free_at: None,
+            dirty_bitmaps: BTreeMap::new(),
+            dirty_bat: BTreeSet::new(),
             footer,
         };
         match disk.footer.disk_type {
@@ -224,6 +243,9 @@ impl VhdDisk {
     }
 
     fn bitmap(&self, block: u64) -> Result<Vec<u8>> {
+        if let Some(b) = self.dirty_bitmaps.get(&block) {
+            return Ok(b.clone());
+        }
         let mut cache = self.bitmap_cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((b, bytes)) = cache.as_ref()
             && *b == block
@@ -248,33 +270,51 @@ impl VhdDisk {
         super::refuse_write(&self.src.path, self.writable, &self.warnings)
     }
 
-    /// Appends a zeroed block: footer at the new end (flush), then the BAT
-    /// entry (flush). The block is reachable only once its BAT entry is
-    /// durable, and the file is valid at every step.
+    /// Places a new block in the reserved space before the footer,
+    /// reserving more first when it is used up. Its BAT entry is written
+    /// at the next commit, once the block's data is durable.
     fn allocate(&mut self, block: u64) -> Result<u64> {
-        let h = self.dyn_header().clone();
-        let bitmap = h.bitmap_bytes();
-        // Keep block data 4 KiB aligned, as Hyper-V and Xen do.
-        let data_at = (self.footer_offset + bitmap).next_multiple_of(4096);
-        let at = data_at - bitmap;
-        let new_footer = data_at + u64::from(h.block_size);
-        self.src.set_len(new_footer + 512)?;
-        self.src
-            .write(&self.footer.encode(), new_footer, "the footer")?;
-        // The old footer now lies in the new block's bitmap or data: zero it
-        // before the BAT entry makes the block visible.
-        self.src
-            .write(&[0u8; 512], self.footer_offset, "the old footer")?;
-        self.src.flush()?;
-        self.footer_offset = new_footer;
+        let start = self.free_at.unwrap_or(self.footer_offset);
+        let (at, end) = self.block_place(start);
+        if end > self.footer_offset {
+            self.reserve(start)?;
+        }
+        self.free_at = Some(end);
         let sector = u32::try_from(at / SECTOR)
             .map_err(|_| Error::unsupported(&self.src.path, "VHD", "file would exceed 2 TiB"))?;
         self.bat[block as usize] = sector;
-        let entry_at = h.table_offset + block * 4;
-        self.src
-            .write(&sector.to_be_bytes(), entry_at, "a BAT entry")?;
-        self.src.flush()?;
+        self.dirty_bat.insert(block);
         Ok(at)
+    }
+
+    /// Where a block placed at `start` or after begins (its bitmap), and
+    /// where it ends. Block data stays 4 KiB aligned, as Hyper-V and Xen
+    /// keep it (and a clone needs it).
+    fn block_place(&self, start: u64) -> (u64, u64) {
+        let h = self.dyn_header();
+        let bitmap = h.bitmap_bytes();
+        let data_at = (start + bitmap).next_multiple_of(4096);
+        (data_at - bitmap, data_at + u64::from(h.block_size))
+    }
+
+    /// Reserves room for `RESERVE_BLOCKS` blocks from `start`: the file
+    /// grows, the footer goes to the new end and the old one is zeroed,
+    /// then a flush, so that the footer is durable before any BAT entry
+    /// points into the reserved space.
+    fn reserve(&mut self, start: u64) -> Result<()> {
+        let mut end = start;
+        for _ in 0..RESERVE_BLOCKS {
+            end = self.block_place(end).1;
+        }
+        self.src.set_len(end + 512)?;
+        self.src.write(&self.footer.encode(), end, "the footer")?;
+        // The old footer now lies in the reserved space: zero it before a
+        // BAT entry can point there.
+        self.src
+            .write(&[0u8; 512], self.footer_offset, "the old footer")?;
+        self.src.flush()?;
+        self.footer_offset = end;
+        Ok(())
     }
 
     fn write_block(&mut self, offset: u64, data: Payload<'_>) -> Result<()> {
@@ -288,15 +328,46 @@ impl VhdDisk {
         };
         self.src
             .put(data, at + h.bitmap_bytes() + in_block, "block data")?;
-        // Data first, then the bitmap bits that make it visible.
-        self.src.flush()?;
+        // The bits that make the data visible are written at the commit,
+        // after the data is durable.
         let mut bitmap = self.bitmap(block)?;
         let first = in_block / SECTOR;
         for s in first..first + data.len() / SECTOR {
             fv::set_bit(&mut bitmap, s);
         }
-        self.src.write(&bitmap, at, "a block bitmap")?;
-        *self.bitmap_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((block, bitmap));
+        self.dirty_bitmaps.insert(block, bitmap);
+        Ok(())
+    }
+
+    /// Data durable (flush) → BAT entries and bitmaps written, the unused
+    /// reservation given back (the footer moved back to the end of the
+    /// last block) → flush → the file cut after that footer → flush.
+    fn commit_blocks(&mut self) -> Result<()> {
+        self.src.flush()?;
+        let table = self.dyn_header().table_offset;
+        let dirty: Vec<u64> = std::mem::take(&mut self.dirty_bat).into_iter().collect();
+        for run in dirty.chunk_by(|a, b| a + 1 == *b) {
+            let bytes: Vec<u8> = run
+                .iter()
+                .flat_map(|&b| self.bat[b as usize].to_be_bytes())
+                .collect();
+            self.src.write(&bytes, table + run[0] * 4, "BAT entries")?;
+        }
+        for (block, bitmap) in std::mem::take(&mut self.dirty_bitmaps) {
+            let at = u64::from(self.bat[block as usize]) * SECTOR;
+            self.src.write(&bitmap, at, "a block bitmap")?;
+            *self.bitmap_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((block, bitmap));
+        }
+        let trim = self.free_at.take().filter(|&f| f < self.footer_offset);
+        if let Some(end) = trim {
+            self.src.write(&self.footer.encode(), end, "the footer")?;
+        }
+        self.src.flush()?;
+        if let Some(end) = trim {
+            self.src.set_len(end + 512)?;
+            self.footer_offset = end;
+            self.src.flush()?;
+        }
         Ok(())
     }
 }
@@ -524,10 +595,18 @@ impl Layer for VhdDisk {
     }
 
     fn commit(&mut self) -> Result<()> {
-        if self.writable {
-            self.src.flush()?;
+        if !self.writable {
+            return Ok(());
         }
-        Ok(())
+        match self.header.is_some() {
+            true => self.commit_blocks(),
+            false => self.src.flush(),
+        }
+    }
+
+    fn pending_metadata(&self) -> u64 {
+        let bitmaps: u64 = self.dirty_bitmaps.values().map(|b| b.len() as u64).sum();
+        bitmaps + self.dirty_bat.len() as u64 * 4
     }
 
     fn close(&mut self) -> Result<()> {
