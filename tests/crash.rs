@@ -9,6 +9,8 @@
 //!
 //! The default run explores a subset (at least 5,000 states); set
 //! `VHDMERGE_CRASH_FULL=1` (see README) for the full suite (100,000+).
+//! `VHDMERGE_CRASH_ONLY=TEXT` runs the scenarios whose name holds TEXT;
+//! `VHDMERGE_CRASH_DUMP=DIR` keeps the files of a failing second crash.
 
 mod common;
 
@@ -431,6 +433,26 @@ fn explore(s: &Scenario, p: Params) -> Totals {
     totals
 }
 
+/// With `VHDMERGE_CRASH_DUMP=DIR`, copies each state of a failure into
+/// DIR + suffix (the failing state, the one its first recovery started
+/// from, the start), to replay by hand with the CLI.
+fn dump_states(scratch: &mut Scratch, states: &[(&str, &Files)]) {
+    let Some(dir) = std::env::var_os("VHDMERGE_CRASH_DUMP") else {
+        return;
+    };
+    for (suffix, state) in states {
+        scratch.set(state);
+        let mut to = dir.clone();
+        to.push(suffix);
+        let _ = std::process::Command::new("cp")
+            .arg("-r")
+            .arg(scratch.path())
+            .arg(&to)
+            .status();
+    }
+    scratch.forget();
+}
+
 fn short(op: &Op) -> String {
     match op {
         Op::Write { path, offset, data } => {
@@ -477,31 +499,10 @@ fn crash_during_recovery(
             for &rollback in modes(&second, ancestor) {
                 scratch.set(&second);
                 if let Err(e) = recover_and_check(scratch, ancestor, start, finished, rollback) {
-                    if let Some(d) = std::env::var_os("VHDMERGE_CRASH_DUMP") {
-                        scratch.set(&second);
-                        let _ = std::process::Command::new("cp")
-                            .arg("-r")
-                            .arg(scratch.path())
-                            .arg(&d)
-                            .status();
-                        scratch.set(state);
-                        let mut s1 = d.clone();
-                        s1.push(".state");
-                        let _ = std::process::Command::new("cp")
-                            .arg("-r")
-                            .arg(scratch.path())
-                            .arg(&s1)
-                            .status();
-                        scratch.set(start);
-                        let mut s0 = d.clone();
-                        s0.push(".start");
-                        let _ = std::process::Command::new("cp")
-                            .arg("-r")
-                            .arg(scratch.path())
-                            .arg(&s0)
-                            .status();
-                        scratch.forget();
-                    }
+                    dump_states(
+                        scratch,
+                        &[("", &second), (".state", state), (".start", start)],
+                    );
                     panic!(
                         "{scenario}: crash during recovery before its operation {i} of {}, rollback={rollback}: {e}",
                         ops.len()
