@@ -231,7 +231,14 @@ pub struct Writer {
     checkpoints: u64,
     /// Where large before-images are cloned, once enabled.
     images: Option<images::ImageFile>,
+    /// A failed spill, reported by the next sync (nothing is synced after it).
+    spill_error: Option<Error>,
 }
+
+/// Appended records held in memory beyond this are written to the file
+/// (unsynced): the before-images of 32 MiB of held overwrites would
+/// otherwise wait in memory beside them.
+const SPILL_BYTES: usize = 4 << 20;
 
 impl Writer {
     /// Creates the journal with its Begin record, durable (file and folder)
@@ -270,6 +277,7 @@ impl Writer {
             pending: Vec::new(),
             checkpoints: 0,
             images: None,
+            spill_error: None,
         };
         w.append(&Record::Begin(begin));
         if let Some(r) = second.into() {
@@ -299,6 +307,7 @@ impl Writer {
             pending: Vec::new(),
             checkpoints: 0,
             images: None,
+            spill_error: None,
         })
     }
 
@@ -321,6 +330,28 @@ impl Writer {
         if matches!(rec, Record::Checkpoint(_)) {
             self.checkpoints += 1;
         }
+        if self.pending.len() >= SPILL_BYTES && self.spill_error.is_none() {
+            self.spill_error = self.spill().err();
+        }
+    }
+
+    /// Writes the appended records to the file without syncing them, to
+    /// bound the memory they hold. Harmless to crash safety: a record only
+    /// counts once durable, an unsynced tail may survive a crash in any
+    /// prefix, and every record that claims something (Checkpoint,
+    /// Committed, ...) is appended when its claim already holds. Images
+    /// named by CloneImage records are made durable first, as at a sync.
+    fn spill(&mut self) -> Result<()> {
+        if let Some(i) = self.images.as_mut() {
+            i.flush()
+                .map_err(|e| Error::io(&images::path_for(&self.path), "flushing", e))?;
+        }
+        self.file
+            .write_at(&self.pending, self.len)
+            .map_err(|e| Error::io(&self.path, "writing the journal", e))?;
+        self.len += self.pending.len() as u64;
+        self.pending.clear();
+        Ok(())
     }
 
     /// How many Checkpoint records this writer appended.
@@ -337,6 +368,9 @@ impl Writer {
     }
 
     pub fn sync(&mut self) -> Result<()> {
+        if let Some(e) = self.spill_error.take() {
+            return Err(e);
+        }
         // Images before the records that name them.
         if let Some(i) = self.images.as_mut() {
             i.flush()
@@ -434,6 +468,31 @@ mod tests {
         std::fs::write(&p, &b).unwrap();
         let e = load(&p).err().unwrap().to_string();
         assert!(e.contains("corrupted, not torn"), "{e}");
+    }
+
+    /// Records beyond SPILL_BYTES go to the file before the sync (memory
+    /// stays bounded); the sync makes them all durable, in order.
+    #[test]
+    fn large_appends_spill_to_the_file_before_the_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let mut w = Writer::create(&p, begin()).unwrap();
+        let synced = std::fs::metadata(&p).unwrap().len();
+        for k in 0..2000u64 {
+            w.append(&Record::BeforeImage {
+                file: 0,
+                offset: k * 4096,
+                data: vec![k as u8; 4096],
+            });
+        }
+        assert!(w.pending.len() < SPILL_BYTES, "{} pending", w.pending.len());
+        assert!(std::fs::metadata(&p).unwrap().len() > synced);
+        w.sync().unwrap();
+        let l = load(&p).unwrap();
+        assert_eq!(l.records.len(), 2001);
+        assert!(
+            matches!(&l.records[2000], Record::BeforeImage { offset, data, .. } if *offset == 1999 * 4096 && data[0] == (1999 % 256) as u8)
+        );
     }
 
     #[test]
