@@ -293,18 +293,42 @@ fn resume(
     restore(&tx.jpath, begin, &tx.files, &records[at + 1..], &cp.lengths)?;
     tx.locks.refresh()?;
     failpoint(Failpoint::AfterPartialUndo);
-    // Runs before the checkpoint, for the final verification (a run an
-    // abandoned attempt copied after it is copied again).
+    let (copied_before, shared_before) = runs_before(&records[..*at], cp.next_offset);
+    report.resumed_from = Some(cp.bytes_done);
+    report.remaining = Some(plan.bytes.saturating_sub(cp.bytes_done));
+    let r = merge::Resume {
+        tx,
+        begin,
+        sources,
+        checkpoint: cp,
+        total: plan.bytes,
+        copied_before,
+        shared_before,
+    }
+    .run(opts, progress)?;
+    report.merge = Some(r);
+    report.outcome = Outcome::Finished;
+    Ok(())
+}
+
+/// The runs copied and shared before guest offset `next_offset` by
+/// `records` (those before the checkpoint), each offset's last, for the
+/// final verification (a run an abandoned attempt copied after it is
+/// copied again).
+fn runs_before(
+    records: &[Record],
+    next_offset: u64,
+) -> (Vec<merge::Copied>, Vec<merge::SharedRun>) {
     let mut before: BTreeMap<u64, (u64, u64, [u8; 32])> = BTreeMap::new();
     let mut shared: BTreeMap<u64, merge::SharedRun> = BTreeMap::new();
-    for r in &records[..*at] {
+    for r in records {
         match r {
             Record::Copy {
                 offset,
                 length,
                 blake3,
                 ..
-            } if *offset < cp.next_offset => {
+            } if *offset < next_offset => {
                 shared.remove(offset);
                 before.insert(*offset, (*offset, *length, *blake3));
             }
@@ -313,7 +337,7 @@ fn resume(
                 length,
                 source_level,
                 source_offset,
-            } if *offset < cp.next_offset => {
+            } if *offset < next_offset => {
                 before.remove(offset);
                 let run = merge::SharedRun {
                     offset: *offset,
@@ -326,21 +350,10 @@ fn resume(
             _ => {}
         }
     }
-    report.resumed_from = Some(cp.bytes_done);
-    report.remaining = Some(plan.bytes.saturating_sub(cp.bytes_done));
-    let r = merge::Resume {
-        tx,
-        begin,
-        sources,
-        checkpoint: cp,
-        total: plan.bytes,
-        copied_before: before.into_values().collect(),
-        shared_before: shared.into_values().collect(),
-    }
-    .run(opts, progress)?;
-    report.merge = Some(r);
-    report.outcome = Outcome::Finished;
-    Ok(())
+    (
+        before.into_values().collect(),
+        shared.into_values().collect(),
+    )
 }
 
 /// Why the merged files differ from what Begin recorded (missing, another

@@ -164,7 +164,7 @@ pub fn open_journaled(
 }
 
 /// A run copied into the ancestor: offset, length, BLAKE3 of its bytes.
-type Copied = (u64, u64, [u8; 32]);
+pub(crate) type Copied = (u64, u64, [u8; 32]);
 
 /// Runs a prepared merge to the end.
 pub fn execute(
@@ -214,7 +214,7 @@ pub fn execute(
     }
     .run(a, 0, 0, progress)?;
     drop(chain);
-    let verified = finish(&tx, applied.runs, expected)?;
+    let verified = finish(&tx, applied.runs, &applied.sharing, expected)?;
     Ok(Report::new(
         plan,
         verified,
@@ -233,17 +233,64 @@ struct Verified {
 }
 
 /// The runs a merge put into the ancestor, to verify after the commit.
+#[derive(Default)]
 struct PutRuns {
     /// Read, hashed and written.
     copied: Vec<Copied>,
-    /// Put from the merged files unread, and those files.
+    /// Put from the merged files unread.
     shared: Vec<SharedRun>,
-    sharing: Sharing,
+}
+
+impl PutRuns {
+    /// Journals the redo record of run `r` and keeps it for verification;
+    /// returns what to write (`zeros` holds a Zeros run's bytes).
+    fn record<'a>(
+        &mut self,
+        journal: &Mutex<Writer>,
+        r: &Run,
+        loaded: &'a Loaded,
+        pieces: &'a read::Pieces,
+        zeros: &'a [u8],
+    ) -> Payload<'a> {
+        let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+        let (payload, hash) = match loaded {
+            Loaded::Shared(from, source) => {
+                journal.append(&Record::Share {
+                    offset: r.offset,
+                    length: r.len,
+                    source_level: r.level as u32,
+                    source_offset: *source,
+                });
+                self.shared.push(SharedRun {
+                    offset: r.offset,
+                    len: r.len,
+                    level: r.level,
+                    source: *source,
+                });
+                let len = r.len;
+                return Payload::File {
+                    from,
+                    offset: *source,
+                    len,
+                };
+            }
+            Loaded::Read(k, hash) => (pieces.get(*k), *hash),
+            Loaded::Zeros => (zeros, *blake3::hash(zeros).as_bytes()),
+        };
+        journal.append(&copy_record(r, hash));
+        self.copied.push((r.offset, r.len, hash));
+        Payload::Bytes(payload)
+    }
 }
 
 /// After the last run: close the ancestor, re-link the children,
 /// commit, verify every copied run and clean up.
-fn finish(tx: &Transaction, runs: PutRuns, expected: Option<blake3::Hash>) -> Result<Verified> {
+fn finish(
+    tx: &Transaction,
+    runs: PutRuns,
+    sharing: &Sharing,
+    expected: Option<blake3::Hash>,
+) -> Result<Verified> {
     let ancestor = tx.ancestor.as_path();
     for (child, index) in &tx.relinked {
         let a_identity = crate::disk::open_layer(ancestor, false)?.identity();
@@ -268,7 +315,7 @@ fn finish(tx: &Transaction, runs: PutRuns, expected: Option<blake3::Hash>) -> Re
     // `recover`, which redoes the runs from the still-present sources.
     let after = Chain::open(ancestor, &ChainOptions::default())?;
     verify_runs(&after, ancestor, &runs.copied)?;
-    runs.sharing.verify(&after, ancestor, &runs.shared)?;
+    sharing.verify(&after, ancestor, &runs.shared)?;
     let digest = match expected {
         Some(_) => Some(crate::verify::content_digest(&after, |_| {})?.root),
         None => None,
@@ -290,7 +337,7 @@ fn finish(tx: &Transaction, runs: PutRuns, expected: Option<blake3::Hash>) -> Re
         .cloned()
         .collect();
     tx.cleanup(&merged)?;
-    let counts = runs.sharing.counts();
+    let counts = sharing.counts();
     Ok(Verified {
         runs: (runs.copied.len() + runs.shared.len()) as u64,
         digest,
@@ -354,6 +401,8 @@ struct Apply<'a> {
 /// What the copy phase did.
 struct Applied {
     runs: PutRuns,
+    /// The merged files shared from (shared runs are proven against them).
+    sharing: Sharing,
     /// Seconds from the start at which each tenth of the bytes was copied.
     deciles: Vec<f64>,
 }
@@ -380,8 +429,7 @@ impl Apply<'_> {
                 .unwrap_or_else(|e| e.into_inner())
                 .enable_images();
         }
-        let mut copied: Vec<Copied> = Vec::new();
-        let mut shared: Vec<SharedRun> = Vec::new();
+        let mut runs = PutRuns::default();
         let mut deciles: Vec<f64> = Vec::new();
         let mut next_decile = 1u64;
         // A reader thread walks the runs, reads them in groups of up to 8 MiB
@@ -389,47 +437,17 @@ impl Apply<'_> {
         // hashes them, while this thread journals and writes the group before:
         // reading, hashing and writing overlap. At most one read group waits.
         let buffers = Buffers::default();
-        let mut apply_group = |g: ReadGroup, a: &mut Box<dyn Layer>| -> Result<()> {
+        let mut apply_group = |g: ReadGroup,
+                               a: &mut Box<dyn Layer>,
+                               runs: &mut PutRuns|
+         -> Result<()> {
             for (r, loaded) in g.runs.iter().zip(&g.datas) {
-                let mut journal = tx.journal.lock().unwrap_or_else(|e| e.into_inner());
-                let zeros: Vec<u8>;
-                let payload = match loaded {
-                    Loaded::Shared(from, source) => {
-                        journal.append(&Record::Share {
-                            offset: r.offset,
-                            length: r.len,
-                            source_level: r.level as u32,
-                            source_offset: *source,
-                        });
-                        shared.push(SharedRun {
-                            offset: r.offset,
-                            len: r.len,
-                            level: r.level,
-                            source: *source,
-                        });
-                        Payload::File {
-                            from,
-                            offset: *source,
-                            len: r.len,
-                        }
-                    }
-                    Loaded::Read(k, hash) => {
-                        journal.append(&copy_record(r, *hash));
-                        copied.push((r.offset, r.len, *hash));
-                        Payload::Bytes(g.pieces.get(*k))
-                    }
-                    Loaded::Zeros => {
-                        if ancestor_reads_zero(a.as_ref(), r.offset, r.len)? {
-                            continue;
-                        }
-                        zeros = vec![0u8; r.len as usize];
-                        let hash = *blake3::hash(&zeros).as_bytes();
-                        journal.append(&copy_record(r, hash));
-                        copied.push((r.offset, r.len, hash));
-                        Payload::Bytes(&zeros)
-                    }
+                let zeros = match loaded {
+                    Loaded::Zeros if ancestor_reads_zero(a.as_ref(), r.offset, r.len)? => continue,
+                    Loaded::Zeros => vec![0u8; r.len as usize],
+                    _ => Vec::new(),
                 };
-                drop(journal);
+                let payload = runs.record(&tx.journal, r, loaded, &g.pieces, &zeros);
                 a.put(r.offset, payload)?;
                 done += r.len;
                 points.after_copy(a, r.offset + r.len, r.len, done)?;
@@ -449,7 +467,7 @@ impl Apply<'_> {
             scope.spawn(move || read_groups(chain, levels, from, sharing, buffers, &send));
             // Returning early drops the receiver, which stops the reader.
             for g in rx {
-                apply_group(g?, &mut a)?;
+                apply_group(g?, &mut a, &mut runs)?;
             }
             Ok(())
         })?;
@@ -464,11 +482,8 @@ impl Apply<'_> {
         tx.append_checkpoint(self.chain.virtual_size(), done)?;
         failpoint(Failpoint::AfterApply);
         Ok(Applied {
-            runs: PutRuns {
-                copied,
-                shared,
-                sharing,
-            },
+            runs,
+            sharing,
             deciles,
         })
     }
@@ -637,7 +652,7 @@ impl Resume<'_> {
         let mut runs = applied.runs;
         runs.copied.extend(self.copied_before);
         runs.shared.extend(self.shared_before);
-        let verified = finish(self.tx, runs, expected)?;
+        let verified = finish(self.tx, runs, &applied.sharing, expected)?;
         let plan = Plan {
             child: self.tx.files.get(1).cloned().unwrap_or_default(),
             ancestor: a_path.clone(),
