@@ -11,6 +11,10 @@
 //! before its undo information, and the journal is synced once per
 //! barrier, not once per block.
 //!
+//! Held bytes are bounded by `MAX_HELD`: past it, the journal is synced
+//! and what is held is issued, without flushing the file (nothing needs
+//! those writes durable yet, only their images).
+//!
 //! A Checkpoint record (appended by the merge after a barrier, so nothing
 //! is held) starts a new epoch: the first image of each page after it is
 //! the page as it was at the checkpoint, which is what a partial undo
@@ -36,15 +40,32 @@ struct State {
     saved: Vec<u64>,
     /// Overwrites waiting for the journal, by offset.
     held: BTreeMap<u64, Held>,
-    /// Bytes held in memory (a held clone holds none).
-    held_bytes: u64,
+    /// The bytes of the held overwrites, one after the other. Its capacity
+    /// is kept from barrier to barrier, so holding costs a copy but no
+    /// fresh memory (and no page faults).
+    arena: Vec<u8>,
+    /// Stored pages read to be imaged (kept for the same reason).
+    image_buf: Vec<u8>,
     /// Set after any failure: no further I/O (an fsync error is never retried).
     poisoned: bool,
 }
 
+impl State {
+    fn is_saved(&self, page: u64) -> bool {
+        self.saved[(page / 64) as usize] >> (page % 64) & 1 == 1
+    }
+
+    fn mark_saved(&mut self, from: u64, to: u64) {
+        for p in from..to {
+            self.saved[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+}
+
 /// An overwrite waiting for its before-images to be durable.
 enum Held {
-    Bytes(Vec<u8>),
+    /// `len` bytes at `at` in the arena.
+    Bytes { at: usize, len: u64 },
     /// `len` bytes of a merged file, to be cloned (or copied) there.
     From(Arc<SharedFile>, u64, u64),
 }
@@ -52,14 +73,16 @@ enum Held {
 impl Held {
     fn len(&self) -> u64 {
         match self {
-            Held::Bytes(b) => b.len() as u64,
+            Held::Bytes { len, .. } => *len,
             Held::From(_, _, len) => *len,
         }
     }
 }
 
-/// Held overwrites beyond this many bytes force a barrier.
-const MAX_HELD: u64 = 32 << 20;
+/// The most bytes of overwrites held in memory (the arena's size): when
+/// an overwrite would go past it, what is held is issued first. This is
+/// where the memory of held writes is bounded (see merge/memory.rs).
+pub const MAX_HELD: usize = 16 << 20;
 
 pub struct Journaled<S: Storage> {
     inner: S,
@@ -75,6 +98,9 @@ pub struct Journaled<S: Storage> {
 /// them into the journal's image file (when the journal has one), not by
 /// copying their bytes into the journal.
 const CLONE_IMAGE_MIN: u64 = 64 << 10;
+
+/// Stored pages to be imaged are read in runs of at most this many bytes.
+const IMAGE_READ: u64 = 1 << 20;
 
 fn poisoned() -> io::Error {
     io::Error::other("an earlier I/O error aborted the merge; run `vhdmerge recover`")
@@ -105,7 +131,8 @@ impl<S: Storage> Journaled<S> {
                 start_len,
                 saved: page_set(start_len),
                 held: BTreeMap::new(),
-                held_bytes: 0,
+                arena: Vec::new(),
+                image_buf: Vec::new(),
                 poisoned: false,
             }),
         })
@@ -137,54 +164,71 @@ impl<S: Storage> Journaled<S> {
     /// in this epoch. Pages of zeros (holes of the file, which are not
     /// read, or pages read as zeros) become one ZeroImage per run: a
     /// checkpoint over a full base's blocks would otherwise journal the
-    /// blocks' unwritten sectors byte for byte.
+    /// blocks' unwritten sectors byte for byte. Stored pages are read in
+    /// runs of up to `IMAGE_READ` bytes, not a page at a time.
     fn image(&self, st: &mut State, start: u64, end: u64) -> io::Result<()> {
         let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
         self.clone_images(st, &mut journal, start, end)?;
         let mut zeros: Option<(u64, u64)> = None;
-        // The stored (not hole) run the last lookup found: (start, end).
-        let mut stored: Option<(bool, u64, u64)> = None;
-        for page in start / PAGE..end.div_ceil(PAGE) {
-            let (w, b) = ((page / 64) as usize, page % 64);
-            if st.saved[w] >> b & 1 == 1 {
+        let mut buf = std::mem::take(&mut st.image_buf);
+        let (mut page, last) = (start / PAGE, end.div_ceil(PAGE));
+        while page < last {
+            if st.is_saved(page) {
                 flush_zeros(&mut journal, self.file, &mut zeros);
+                page += 1;
                 continue;
             }
-            st.saved[w] |= 1 << b;
-            let off = page * PAGE;
-            let len = PAGE.min(st.start_len - off);
-            if !stored.is_some_and(|(_, s, e)| s <= off && off < e) {
-                let (data, n) = crate::io::stored_run(&self.inner, off, st.start_len - off)?;
-                stored = Some((data, off, off + n));
+            let mut run_end = page + 1;
+            while run_end < last && !st.is_saved(run_end) && run_end - page < IMAGE_READ / PAGE {
+                run_end += 1;
             }
-            let hole = stored.is_some_and(|(data, _, e)| !data && off + len <= e);
-            let data = match hole {
-                true => None,
-                false => {
-                    let mut data = vec![0u8; len as usize];
-                    self.inner.read_at(&mut data, off)?;
-                    Some(data).filter(|d| d.iter().any(|&x| x != 0))
-                }
+            let off = page * PAGE;
+            let len = (run_end * PAGE).min(st.start_len) - off;
+            let (data, n) = crate::io::stored_run(&self.inner, off, len)?;
+            // Whole pages inside a hole are zeros without reading them
+            // (the file's last page counts as whole).
+            let hole_pages = match data {
+                true => 0,
+                false if off + n == st.start_len => n.div_ceil(PAGE),
+                false => n / PAGE,
             };
-            match data {
-                Some(data) => {
+            if hole_pages > 0 {
+                add_zeros(
+                    &mut journal,
+                    self.file,
+                    &mut zeros,
+                    off,
+                    n.min(hole_pages * PAGE),
+                );
+                st.mark_saved(page, page + hole_pages);
+                page += hole_pages;
+                continue;
+            }
+            let read_len = match data {
+                true => len.min(n.div_ceil(PAGE) * PAGE),
+                false => len.min(PAGE),
+            };
+            buf.resize(read_len as usize, 0);
+            self.inner.read_at(&mut buf, off)?;
+            for (i, bytes) in buf.chunks(PAGE as usize).enumerate() {
+                let at = off + i as u64 * PAGE;
+                if bytes.iter().all(|&x| x == 0) {
+                    add_zeros(&mut journal, self.file, &mut zeros, at, bytes.len() as u64);
+                } else {
                     flush_zeros(&mut journal, self.file, &mut zeros);
                     journal.append(&Record::BeforeImage {
                         file: self.file,
-                        offset: off,
-                        data,
+                        offset: at,
+                        data: bytes.to_vec(),
                     });
                 }
-                None => match &mut zeros {
-                    Some((s, l)) if *s + *l == off => *l += len,
-                    _ => {
-                        flush_zeros(&mut journal, self.file, &mut zeros);
-                        zeros = Some((off, len));
-                    }
-                },
             }
+            let pages = read_len.div_ceil(PAGE);
+            st.mark_saved(page, page + pages);
+            page += pages;
         }
         flush_zeros(&mut journal, self.file, &mut zeros);
+        st.image_buf = buf;
         Ok(())
     }
 
@@ -208,10 +252,9 @@ impl<S: Storage> Journaled<S> {
             return Ok(());
         }
         let end = end.min(st.start_len / PAGE * PAGE);
-        let saved = |st: &State, p: u64| st.saved[(p / 64) as usize] >> (p % 64) & 1 == 1;
         let mut page = start / PAGE;
         while page * PAGE < end {
-            if saved(st, page) {
+            if st.is_saved(page) {
                 page += 1;
                 continue;
             }
@@ -222,16 +265,14 @@ impl<S: Storage> Journaled<S> {
                 continue;
             }
             let mut last = page;
-            while last < (off + n) / PAGE && !saved(st, last) {
+            while last < (off + n) / PAGE && !st.is_saved(last) {
                 last += 1;
             }
             let len = (last - page) * PAGE;
             if len >= CLONE_IMAGE_MIN {
                 let images = journal.images().expect("checked above");
                 let image_offset = images.put(own, off, len)?;
-                for p in page..last {
-                    st.saved[(p / 64) as usize] |= 1 << (p % 64);
-                }
+                st.mark_saved(page, last);
                 journal.append(&Record::CloneImage {
                     file: self.file,
                     offset: off,
@@ -244,19 +285,39 @@ impl<S: Storage> Journaled<S> {
         Ok(())
     }
 
-    /// Journal durable → held writes issued → file flushed.
-    fn barrier(&self, st: &mut State) -> io::Result<()> {
-        {
-            let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
-            journal.sync().map_err(io::Error::other)?;
+    /// Journal durable → held writes issued. The writes are not flushed:
+    /// the write-ahead rule needs only their images durable first, and the
+    /// caller's own flush makes them durable when it needs them to be.
+    fn issue(&self, st: &mut State) -> io::Result<()> {
+        if st.held.is_empty() {
+            return Ok(());
         }
+        self.sync_journal()?;
+        self.write_held(st)
+    }
+
+    fn sync_journal(&self) -> io::Result<()> {
+        let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        journal.sync().map_err(io::Error::other)
+    }
+
+    fn write_held(&self, st: &mut State) -> io::Result<()> {
         for (off, held) in std::mem::take(&mut st.held) {
             match held {
-                Held::Bytes(data) => self.inner.write_at(&data, off)?,
+                Held::Bytes { at, len } => {
+                    self.inner.write_at(&st.arena[at..at + len as usize], off)?
+                }
                 Held::From(from, src, len) => self.inner.put_from(&from, src, off, len)?,
             }
         }
-        st.held_bytes = 0;
+        st.arena.clear();
+        Ok(())
+    }
+
+    /// Journal durable → held writes issued → file flushed.
+    fn barrier(&self, st: &mut State) -> io::Result<()> {
+        self.sync_journal()?;
+        self.write_held(st)?;
         self.inner.flush()
     }
 
@@ -272,29 +333,46 @@ impl<S: Storage> Journaled<S> {
         Ok(split)
     }
 
-    /// Holds an overwrite at `offset` until the next barrier.
-    fn hold(&self, st: &mut State, offset: u64, held: Held) -> io::Result<()> {
-        let end = offset + held.len();
-        // A later held write to the same offset replaces an earlier one
-        // only if it covers it; otherwise issue what is held first.
-        if st.held.range(offset..end).next().is_some()
+    /// Whether anything held overlaps [offset, end).
+    fn holds(st: &State, offset: u64, end: u64) -> bool {
+        st.held.range(offset..end).next().is_some()
             || st
                 .held
                 .range(..offset)
                 .next_back()
                 .is_some_and(|(o, d)| o + d.len() > offset)
-        {
-            self.barrier(st)?;
+    }
+
+    /// Holds an overwrite of `data` at `offset` until the next barrier, in
+    /// pieces of at most the arena's size. What is held and overlaps it is
+    /// issued first, so the held writes never overlap and their order does
+    /// not matter.
+    fn hold_bytes(&self, st: &mut State, mut offset: u64, mut data: &[u8]) -> io::Result<()> {
+        if Self::holds(st, offset, offset + data.len() as u64) {
+            self.issue(st)?;
         }
-        if let Held::Bytes(b) = &held {
-            st.held_bytes += b.len() as u64;
+        while !data.is_empty() {
+            if st.arena.len() == MAX_HELD {
+                self.issue(st)?;
+            }
+            if st.arena.capacity() < MAX_HELD {
+                st.arena.reserve_exact(MAX_HELD - st.arena.len());
+            }
+            let n = data.len().min(MAX_HELD - st.arena.len());
+            let at = st.arena.len();
+            st.arena.extend_from_slice(&data[..n]);
+            st.held.insert(offset, Held::Bytes { at, len: n as u64 });
+            (offset, data) = (offset + n as u64, &data[n..]);
+        }
+        Ok(())
+    }
+
+    /// Holds an overwrite by `len` bytes of `from` (no memory).
+    fn hold_from(&self, st: &mut State, offset: u64, held: Held) -> io::Result<()> {
+        if Self::holds(st, offset, offset + held.len()) {
+            self.issue(st)?;
         }
         st.held.insert(offset, held);
-        // Bound the memory of held writes: an extra barrier is always
-        // safe (it only makes more durable, in the same order).
-        if st.held_bytes >= MAX_HELD {
-            self.barrier(st)?;
-        }
         Ok(())
     }
 
@@ -315,13 +393,8 @@ impl<S: Storage> Storage for Journaled<S> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.guarded(|st| {
             let end = offset + buf.len() as u64;
-            let overlaps = st
-                .held
-                .range(..end)
-                .next_back()
-                .is_some_and(|(o, d)| o + d.len() > offset);
-            if overlaps {
-                self.barrier(st)?;
+            if Self::holds(st, offset, end) {
+                self.issue(st)?;
             }
             self.inner.read_at(buf, offset)
         })
@@ -331,8 +404,7 @@ impl<S: Storage> Storage for Journaled<S> {
         self.guarded(|st| {
             let split = self.overwritten(st, offset, buf.len() as u64)?;
             if split > offset {
-                let head = buf[..(split - offset) as usize].to_vec();
-                self.hold(st, offset, Held::Bytes(head))?;
+                self.hold_bytes(st, offset, &buf[..(split - offset) as usize])?;
             }
             if offset + buf.len() as u64 > split {
                 self.inner
@@ -355,7 +427,7 @@ impl<S: Storage> Storage for Journaled<S> {
             let split = self.overwritten(st, offset, len)?;
             if split > offset {
                 let held = Held::From(from.clone(), src_offset, split - offset);
-                self.hold(st, offset, held)?;
+                self.hold_from(st, offset, held)?;
             }
             if offset + len > split {
                 let n = split - offset;
@@ -398,6 +470,24 @@ fn flush_zeros(journal: &mut Writer, file: u32, zeros: &mut Option<(u64, u64)>) 
             offset,
             length,
         });
+    }
+}
+
+/// Extends the pending run of zero pages by [offset, offset + len), or
+/// starts a new one after appending the pending run if they do not meet.
+fn add_zeros(
+    journal: &mut Writer,
+    file: u32,
+    zeros: &mut Option<(u64, u64)>,
+    offset: u64,
+    len: u64,
+) {
+    match zeros {
+        Some((s, l)) if *s + *l == offset => *l += len,
+        _ => {
+            flush_zeros(journal, file, zeros);
+            *zeros = Some((offset, len));
+        }
     }
 }
 
@@ -473,6 +563,43 @@ mod tests {
         let mut b = [0u8; 1];
         s.inner.read_at(&mut b, 8192).unwrap();
         assert_eq!(b[0], 5);
+    }
+
+    /// Overwrites larger than the arena are held in pieces: memory stays
+    /// at `MAX_HELD` bytes, each piece is issued only after the journal
+    /// holds its images, and the file ends up with every byte written.
+    #[test]
+    fn held_bytes_stay_within_the_arena() {
+        let dir = tempfile::tempdir().unwrap();
+        let jp = dir.path().join("j");
+        let w = Arc::new(Mutex::new(Writer::create(&jp, begin()).unwrap()));
+        let size = 2 * MAX_HELD + 3 * PAGE as usize;
+        let s = Journaled::new(MemStorage::new(vec![1u8; size]), 0, w.clone()).unwrap();
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        s.write_at(&data[..size - 5000], 5000).unwrap();
+        {
+            let st = s.lock();
+            assert!(st.arena.capacity() <= MAX_HELD, "{}", st.arena.capacity());
+            assert!(st.held.values().map(Held::len).sum::<u64>() <= MAX_HELD as u64);
+        }
+        // What reached the file is covered by durable images.
+        let images = super::super::load(&jp).unwrap().records.len() - 1;
+        let mut got = vec![0u8; size];
+        s.inner.read_at(&mut got, 0).unwrap();
+        let changed = got[5000..]
+            .iter()
+            .zip(&data[..size - 5000])
+            .filter(|(a, b)| a == b && **a != 1)
+            .count();
+        assert!(changed > 0, "full arenas were issued before any flush");
+        assert!(
+            changed as u64 <= images as u64 * PAGE,
+            "{changed} bytes out, {images} images"
+        );
+        s.flush().unwrap();
+        s.inner.read_at(&mut got, 0).unwrap();
+        assert!(got[..5000].iter().all(|&b| b == 1));
+        assert_eq!(&got[5000..], &data[..size - 5000]);
     }
 
     /// Pages of zeros, read or holes of the file, are journaled as one
