@@ -249,8 +249,17 @@ fn explore(s: &Scenario, p: Params) -> Totals {
     );
     assert_eq!(images_written, s.clones, "{}: image file written", s.name);
     let files = work.read();
-    let finished = Finished::of(work.path(), files);
     let ancestor = ancestor_name(s, &o);
+    // A VHD takes the rewritten whole block out of place: its data moved.
+    if s.whole_blocks && !s.vhdx {
+        let at = |dir: &Path| {
+            let l = vhdmerge::disk::open_layer(&dir.join(&ancestor), false).unwrap();
+            format!("{:?}", l.map(2 << 20, 4096).unwrap().0)
+        };
+        let (before, after) = (at(pristine.path()), at(work.path()));
+        assert_ne!(before, after, "{}: the whole block moved", s.name);
+    }
+    let finished = Finished::of(work.path(), files);
     let mut rng = Rng(99);
     let mut totals = Totals {
         states: 0,

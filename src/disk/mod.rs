@@ -177,6 +177,12 @@ pub trait Layer: Send + Sync {
     fn pending_metadata(&self) -> u64 {
         0
     }
+    /// File ranges (offset, length) the layer no longer refers to: blocks
+    /// it replaced by writing them out of place. They hold the data a
+    /// rollback restores, so they are free only once the merge commits.
+    fn released(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
     /// Whether the file bytes at `file_offset` (where `map` put data) are
     /// stored, or a hole of the file that reads as zeros, and for how many
     /// of `len` bytes (at least one). Readers skip the holes a block keeps

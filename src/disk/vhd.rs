@@ -3,6 +3,12 @@
 //! entries and bitmaps are written at the commit, after their data: one
 //! footer move and a few flushes per batch instead of per block, and every
 //! crash point still leaves a valid file.
+//!
+//! A merge also writes a block it covers whole out of place: into a new
+//! block, with the BAT entry switched at the commit. The old block's bytes
+//! are never overwritten, so they need no before-images (the journal
+//! images only the BAT sector), and once the merge has committed they are
+//! free; `released` lists them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -35,6 +41,10 @@ pub struct VhdDisk {
     /// writes them after the data they show is durable.
     dirty_bitmaps: BTreeMap<u64, Vec<u8>>,
     dirty_bat: BTreeSet<u64>,
+    /// Whole-block writes over allocated blocks go to new blocks.
+    out_of_place: bool,
+    /// File ranges of blocks replaced out of place: (offset, length).
+    released: Vec<(u64, u64)>,
 }
 
 /// Blocks reserved at a time: one footer move and flush per this many new
@@ -67,6 +77,8 @@ impl VhdDisk {
             free_at: None,
             dirty_bitmaps: BTreeMap::new(),
             dirty_bat: BTreeSet::new(),
+            out_of_place: false,
+            released: Vec::new(),
             footer,
         };
         match disk.footer.disk_type {
@@ -317,13 +329,29 @@ impl VhdDisk {
         Ok(())
     }
 
+    /// Writes whole-block writes over allocated blocks into new blocks
+    /// from now on (a merge's ancestor; see the module's comment).
+    pub fn write_whole_blocks_out_of_place(&mut self) {
+        self.out_of_place = true;
+    }
+
     fn write_block(&mut self, offset: u64, data: Payload<'_>) -> Result<()> {
         let h = self.dyn_header().clone();
         let bs = u64::from(h.block_size);
         let block = offset / bs;
         let in_block = offset % bs;
+        let whole = in_block == 0 && data.len() == bs;
         let at = match self.bat[block as usize] {
             fv::UNALLOCATED => self.allocate(block)?,
+            s if whole && self.out_of_place && !self.dirty_bat.contains(&block) => {
+                self.released
+                    .push((u64::from(s) * SECTOR, h.bitmap_bytes() + bs));
+                // Every sector is written below: the new bitmap starts empty.
+                let at = self.allocate(block)?;
+                self.dirty_bitmaps
+                    .insert(block, vec![0; h.bitmap_bytes() as usize]);
+                at
+            }
             s => u64::from(s) * SECTOR,
         };
         self.src
@@ -607,6 +635,10 @@ impl Layer for VhdDisk {
     fn pending_metadata(&self) -> u64 {
         let bitmaps: u64 = self.dirty_bitmaps.values().map(|b| b.len() as u64).sum();
         bitmaps + self.dirty_bat.len() as u64 * 4
+    }
+
+    fn released(&self) -> Vec<(u64, u64)> {
+        self.released.clone()
     }
 
     fn close(&mut self) -> Result<()> {

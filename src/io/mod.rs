@@ -183,6 +183,23 @@ impl FileStorage {
         Ok(FileStorage::from_file(file, path))
     }
 
+    /// Frees the file's blocks in [offset, offset + len), which then read
+    /// as zeros; the length stays. A file system that cannot punch holes
+    /// keeps the bytes (only space is lost). For crash purposes this is a
+    /// write of zeros.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        traced!(trace::Op::Write {
+            path: self.path.clone(),
+            offset,
+            data: trace::capture_with(len, |_| Ok(()))?,
+        });
+        let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        match rustix::fs::fallocate(&self.file, flags, offset, len) {
+            Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+            r => Ok(r?),
+        }
+    }
+
     /// lseek(SEEK_DATA / SEEK_HOLE); `None` when only a hole follows (ENXIO).
     fn seek(&self, whence: rustix::fs::SeekFrom) -> io::Result<Option<u64>> {
         match rustix::fs::seek(&self.file, whence) {

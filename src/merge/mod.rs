@@ -139,13 +139,16 @@ impl Report {
     }
 }
 
-/// Opens a file for writing through the journal.
+/// Opens a file for writing through the journal. `out_of_place`: a VHD
+/// writes the blocks a write covers whole into new blocks (the copy phase
+/// of a merge; a redo after the commit writes in place).
 pub fn open_journaled(
     path: &Path,
     index: u32,
     journal: &Arc<Mutex<Writer>>,
     format: Format,
     guid: Option<Uuid>,
+    out_of_place: bool,
 ) -> Result<Box<dyn Layer>> {
     let file = FileStorage::open(path, true)?;
     let io = Box::new(
@@ -159,7 +162,13 @@ pub fn open_journaled(
             }
             Box::new(d)
         }
-        _ => Box::new(VhdDisk::open_with(path, io, true)?),
+        _ => {
+            let mut d = VhdDisk::open_with(path, io, true)?;
+            if out_of_place {
+                d.write_whole_blocks_out_of_place();
+            }
+            Box::new(d)
+        }
     })
 }
 
@@ -200,7 +209,7 @@ pub fn execute(
     let tx = Transaction::begin(a_layer.path(), begin, plan_record, locks)?;
     failpoint(Failpoint::AfterBegin);
 
-    let a = open_journaled(&tx.ancestor, 0, &tx.journal, format, new_guid)?;
+    let a = open_journaled(&tx.ancestor, 0, &tx.journal, format, new_guid, true)?;
     // From here the merge reads only the merged levels; the read-only
     // ancestor and what lies below it go (on a 64 TiB disk each open layer
     // holds a 16 MiB BAT).
@@ -214,7 +223,7 @@ pub fn execute(
     }
     .run(a, 0, 0, progress)?;
     drop(chain);
-    let verified = finish(&tx, applied.runs, &applied.sharing, expected)?;
+    let verified = finish(&tx, &applied, expected)?;
     Ok(Report::new(
         plan,
         verified,
@@ -285,12 +294,8 @@ impl PutRuns {
 
 /// After the last run: close the ancestor, re-link the children,
 /// commit, verify every copied run and clean up.
-fn finish(
-    tx: &Transaction,
-    runs: PutRuns,
-    sharing: &Sharing,
-    expected: Option<blake3::Hash>,
-) -> Result<Verified> {
+fn finish(tx: &Transaction, applied: &Applied, expected: Option<blake3::Hash>) -> Result<Verified> {
+    let (runs, sharing) = (&applied.runs, &applied.sharing);
     let ancestor = tx.ancestor.as_path();
     for (child, index) in &tx.relinked {
         let a_identity = crate::disk::open_layer(ancestor, false)?.identity();
@@ -337,6 +342,7 @@ fn finish(
         .cloned()
         .collect();
     tx.cleanup(&merged)?;
+    release(ancestor, &applied.released)?;
     let counts = sharing.counts();
     Ok(Verified {
         runs: (runs.copied.len() + runs.shared.len()) as u64,
@@ -347,6 +353,24 @@ fn finish(
             ..counts
         },
     })
+}
+
+/// Gives the file system back the blocks the ancestor replaced out of
+/// place. Only once the journal is gone: until then they hold what a
+/// rollback restores (even a committed merge rolls back until its cleanup
+/// starts). A crash before this only leaves them allocated.
+fn release(ancestor: &Path, ranges: &[(u64, u64)]) -> Result<()> {
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    let file = FileStorage::open(ancestor, true)?;
+    for &(offset, len) in ranges {
+        file.punch_hole(offset, len).map_err(|e| {
+            let doing = "freeing replaced blocks (the merge is complete; their space stays in use)";
+            Error::io(ancestor, doing, e)
+        })?;
+    }
+    Ok(())
 }
 
 /// Re-reads every copied run from the ancestor's view and matches it to
@@ -405,6 +429,8 @@ struct Applied {
     sharing: Sharing,
     /// Seconds from the start at which each tenth of the bytes was copied.
     deciles: Vec<f64>,
+    /// The ancestor's blocks replaced out of place, free after the commit.
+    released: Vec<(u64, u64)>,
 }
 
 impl Apply<'_> {
@@ -457,7 +483,7 @@ impl Apply<'_> {
                 }
                 progress(done, self.total);
             }
-            g.pieces.give_back(&buffers);
+            drop(g);
             Ok(())
         };
         std::thread::scope(|scope| -> Result<()> {
@@ -477,6 +503,7 @@ impl Apply<'_> {
         a.commit()?;
         failpoint(Failpoint::BeforeClose);
         a.close()?;
+        let released = a.released();
         drop(a);
         // Every run is durable: a crash while re-linking resumes here.
         tx.append_checkpoint(self.chain.virtual_size(), done)?;
@@ -485,6 +512,7 @@ impl Apply<'_> {
             runs,
             sharing,
             deciles,
+            released,
         })
     }
 }
@@ -633,7 +661,7 @@ impl Resume<'_> {
             .data_write_guid
             .as_deref()
             .and_then(|g| Uuid::parse_str(g).ok());
-        let a = open_journaled(a_path, 0, &self.tx.journal, format, guid)?;
+        let a = open_journaled(a_path, 0, &self.tx.journal, format, guid, true)?;
         let cp = self.checkpoint;
         let applied = Apply {
             chain: &self.sources,
@@ -649,10 +677,10 @@ impl Resume<'_> {
             .expected_digest
             .as_deref()
             .and_then(|h| blake3::Hash::from_hex(h).ok());
-        let mut runs = applied.runs;
-        runs.copied.extend(self.copied_before);
-        runs.shared.extend(self.shared_before);
-        let verified = finish(self.tx, runs, &applied.sharing, expected)?;
+        let mut applied = applied;
+        applied.runs.copied.extend(self.copied_before);
+        applied.runs.shared.extend(self.shared_before);
+        let verified = finish(self.tx, &applied, expected)?;
         let plan = Plan {
             child: self.tx.files.get(1).cloned().unwrap_or_default(),
             ancestor: a_path.clone(),
@@ -683,7 +711,7 @@ impl Resume<'_> {
 }
 
 /// Changed metadata (BAT and bitmap pages) held before an early commit.
-const MAX_PENDING_METADATA: u64 = 4 << 20;
+pub(crate) const MAX_PENDING_METADATA: u64 = 4 << 20;
 
 /// Points a child of the merged child at the ancestor: new identity and
 /// paths, through the journal (VHDX: through the child's own log).

@@ -64,7 +64,7 @@ pub(crate) fn redo(
         return Ok(0);
     }
     let format = open_layer(a_path, false)?.format();
-    let mut layer = crate::merge::open_journaled(a_path, 0, writer, format, None)?;
+    let mut layer = crate::merge::open_journaled(a_path, 0, writer, format, None, false)?;
     for (offset, length, level, source_offset, h) in &bad {
         let mut buf = vec![0u8; *length as usize];
         if let Some(fo) = source_offset {

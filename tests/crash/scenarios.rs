@@ -23,6 +23,9 @@ pub struct Scenario {
     /// The merge clones its runs (emulated: a clone is traced, and
     /// crashes, as the write of the source's bytes it amounts to).
     pub clones: bool,
+    /// The top level rewrites a whole block of the base's data, which a
+    /// VHD ancestor takes out of place (a new block, the BAT switched).
+    pub whole_blocks: bool,
 }
 
 pub fn build(s: &Scenario, dir: &Path) -> PathBuf {
@@ -57,10 +60,13 @@ pub fn build_with(s: &Scenario, dir: &Path, extra: usize) -> PathBuf {
             create::create_child(&p, &paths[i - 1], Some(bs)).unwrap();
         }
         let mut c = common::open_writable(&p);
-        if s.clones && i == 0 {
+        if (s.clones || s.whole_blocks) && i == 0 {
             // A full base: the merge overwrites its data in long runs,
             // whose before-images are cloned.
             c.write(0, &rng.bytes(4 << 20)).unwrap();
+        }
+        if s.whole_blocks && i + 1 == s.levels.len() {
+            c.write(2 << 20, &rng.bytes(2 << 20)).unwrap();
         }
         // Whole blocks and partial sectors, overlapping the parent's data.
         c.write((i as u64) << 20, &rng.bytes(1 << 20)).unwrap();
@@ -142,8 +148,13 @@ pub fn scenarios() -> Vec<Scenario> {
         fixed_base,
         dirty_log,
         clones: false,
+        whole_blocks: false,
     };
     let cloned = |s: Scenario| Scenario { clones: true, ..s };
+    let whole = |s: Scenario| Scenario {
+        whole_blocks: true,
+        ..s
+    };
     vec![
         sc("vhdx one level", true, vec![m, m], 0, false, false, false),
         sc(
@@ -245,5 +256,23 @@ pub fn scenarios() -> Vec<Scenario> {
             false,
             false,
         )),
+        whole(sc(
+            "vhd whole blocks over base data, three levels",
+            false,
+            vec![2 * m, m, 2 * m],
+            0,
+            false,
+            false,
+            false,
+        )),
+        cloned(whole(sc(
+            "vhd cloned whole blocks over base data",
+            false,
+            vec![2 * m, 2 * m],
+            0,
+            false,
+            false,
+            false,
+        ))),
     ]
 }
