@@ -238,7 +238,7 @@ pub struct Writer {
 /// Appended records held in memory beyond this are written to the file
 /// (unsynced): the before-images of 32 MiB of held overwrites would
 /// otherwise wait in memory beside them.
-const SPILL_BYTES: usize = 4 << 20;
+pub(crate) const SPILL_BYTES: usize = 4 << 20;
 
 impl Writer {
     /// Creates the journal with its Begin record, durable (file and folder)

@@ -100,7 +100,7 @@ pub struct Journaled<S: Storage> {
 const CLONE_IMAGE_MIN: u64 = 64 << 10;
 
 /// Stored pages to be imaged are read in runs of at most this many bytes.
-const IMAGE_READ: u64 = 1 << 20;
+pub(crate) const IMAGE_READ: u64 = 1 << 20;
 
 fn poisoned() -> io::Error {
     io::Error::other("an earlier I/O error aborted the merge; run `vhdmerge recover`")

@@ -6,6 +6,7 @@
 //! (delete or rename the merged files, delete the journal). See
 //! `journal-format.md` for the crash argument.
 
+mod memory;
 mod plan;
 pub mod preflight;
 mod read;

@@ -83,13 +83,15 @@ pub(super) fn plan_digest(chain: &Chain, levels: usize) -> Result<[u8; 32]> {
 /// they all leave to their parent is skipped whole (a block at a time, not
 /// a piece at a time, which matters on a sparse 64 TiB disk). Runs are at
 /// most 4 MiB.
+/// The longest run `for_each_run` yields.
+pub(crate) const PIECE: u64 = 4 << 20;
+
 pub fn for_each_run(
     chain: &Chain,
     ancestor: usize,
     from: u64,
     mut f: impl FnMut(Run) -> Result<()>,
 ) -> Result<()> {
-    const PIECE: u64 = 4 << 20;
     let size = chain.virtual_size();
     let mut pos = from;
     'walk: while pos < size {

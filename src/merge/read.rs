@@ -4,7 +4,7 @@
 //! afterwards; and the pool of read buffers both share.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::share::Sharing;
 use super::{Run, for_each_run};
@@ -16,6 +16,9 @@ use crate::io::SharedFile;
 pub(super) const GROUP_BYTES: u64 = 8 << 20;
 /// Pieces of one file closer than this are read with one call.
 const READ_GAP: u64 = 64 << 10;
+/// The longest merged read. A read of mostly gaps is compacted, so its
+/// buffer is transient; this bounds it.
+pub(super) const MERGED_READ: u64 = 2 << 20;
 
 /// Reads one group of copied runs back through the ancestor's view and
 /// matches each to the BLAKE3 recorded when it was copied.
@@ -71,7 +74,7 @@ pub(super) fn verify_group(
             ));
         }
     }
-    pieces.give_back(buffers);
+    drop(pieces);
     Ok(())
 }
 
@@ -87,18 +90,18 @@ pub(super) enum Loaded {
 }
 
 /// Runs with how to get their bytes.
-pub(super) struct ReadGroup {
+pub(super) struct ReadGroup<'a> {
     pub(super) runs: Vec<Run>,
-    pub(super) pieces: Pieces,
+    pub(super) pieces: Pieces<'a>,
     pub(super) datas: Vec<Loaded>,
 }
 
-fn read_group(
+fn read_group<'a>(
     layers: &[Box<dyn Layer>],
     sharing: &Sharing,
     runs: Vec<Run>,
-    buffers: &Buffers,
-) -> Result<ReadGroup> {
+    buffers: &'a Buffers,
+) -> Result<ReadGroup<'a>> {
     let datas: Vec<Loaded> = runs
         .iter()
         .map(|r| match (r.source, sharing.active(r.level)) {
@@ -135,13 +138,13 @@ fn read_group(
 
 /// The reader side of the apply pipeline. Sends each group, then the
 /// first error if any; stops when the writer has gone.
-pub(super) fn read_groups(
+pub(super) fn read_groups<'a>(
     chain: &Chain,
     ancestor: usize,
     from: u64,
     sharing: &Sharing,
-    buffers: &Buffers,
-    tx: &std::sync::mpsc::SyncSender<Result<ReadGroup>>,
+    buffers: &'a Buffers,
+    tx: &std::sync::mpsc::SyncSender<Result<ReadGroup<'a>>>,
 ) {
     let mut group: Vec<Run> = Vec::new();
     let mut group_bytes = 0u64;
@@ -160,21 +163,29 @@ pub(super) fn read_groups(
     let _ = tx.send(last);
 }
 
-/// Reads (level, file offset, length) pieces, merging the pieces of one
-/// file that lie within `READ_GAP` of each other into a single read: runs
-/// come in guest order, and scattered small runs (4 KiB writes) would
-/// otherwise cost a random read each.
-fn read_pieces(
-    layers: &[Box<dyn Layer>],
-    reqs: &[(usize, u64, u64)],
-    buffers: &Buffers,
-) -> Result<Pieces> {
-    let mut order: Vec<usize> = (0..reqs.len()).collect();
-    order.sort_by_key(|&i| (reqs[i].0, reqs[i].1));
-    let mut out = Pieces {
-        bufs: Vec::new(),
-        at: vec![(0, 0, 0); reqs.len()],
-    };
+/// One read of `read_pieces`: the requests `order[i..j]`, all of one
+/// file, at [start, end), of which `covered` bytes are requested.
+struct MergedRead {
+    i: usize,
+    j: usize,
+    start: u64,
+    end: u64,
+    covered: u64,
+}
+
+impl MergedRead {
+    /// Mostly gaps (scattered small runs): the pieces are copied together,
+    /// so that a group holds its data, not the gaps between, which for
+    /// 4 KiB runs are most of the read.
+    fn compacted(&self) -> bool {
+        self.covered * 2 < self.end - self.start
+    }
+}
+
+/// The reads for `reqs` (in `order`): pieces of one file within
+/// `READ_GAP` of each other and within `MERGED_READ` bytes are one read.
+fn plan_reads(reqs: &[(usize, u64, u64)], order: &[usize]) -> Vec<MergedRead> {
+    let mut reads = Vec::new();
     let mut i = 0;
     while i < order.len() {
         let (level, start, len) = reqs[order[i]];
@@ -182,87 +193,196 @@ fn read_pieces(
         let mut j = i + 1;
         while j < order.len() {
             let (l, fo, n) = reqs[order[j]];
-            if l != level || fo > end + READ_GAP || fo + n - start > 2 * GROUP_BYTES {
+            if l != level || fo > end + READ_GAP || fo + n - start > MERGED_READ {
                 break;
             }
             end = end.max(fo + n);
             j += 1;
         }
-        let mut buf = buffers.take((end - start) as usize);
-        if let Err(e) = layers[level].read_data(start, &mut buf) {
-            out.give_back(buffers);
-            return Err(e);
-        }
-        let covered: u64 = order[i..j].iter().map(|&k| reqs[k].2).sum();
-        if covered * 2 >= end - start {
-            // Mostly data (runs side by side): each piece is a slice of
-            // the merged read, no copy.
-            for &k in &order[i..j] {
+        let covered = order[i..j].iter().map(|&k| reqs[k].2).sum();
+        reads.push(MergedRead {
+            i,
+            j,
+            start,
+            end,
+            covered,
+        });
+        i = j;
+    }
+    reads
+}
+
+/// Bytes of buffers `reads` hold at most at once: what they keep (whole
+/// reads, or the compacted pieces) and the largest transient read.
+fn buffer_bytes(reads: &[MergedRead]) -> usize {
+    let kept: u64 = reads
+        .iter()
+        .map(|r| {
+            if r.compacted() {
+                r.covered
+            } else {
+                r.end - r.start
+            }
+        })
+        .sum();
+    let transient = reads
+        .iter()
+        .filter(|r| r.compacted())
+        .map(|r| r.end - r.start)
+        .max()
+        .unwrap_or(0);
+    (kept + transient) as usize
+}
+
+/// Reads (level, file offset, length) pieces, merging the pieces of one
+/// file that lie close together into a single read: runs come in guest
+/// order, and scattered small runs (4 KiB writes) would otherwise cost a
+/// random read each. The buffers' bytes are reserved from `buffers`
+/// before the first read (which may wait for other groups to go).
+fn read_pieces<'a>(
+    layers: &[Box<dyn Layer>],
+    reqs: &[(usize, u64, u64)],
+    buffers: &'a Buffers,
+) -> Result<Pieces<'a>> {
+    let mut order: Vec<usize> = (0..reqs.len()).collect();
+    order.sort_by_key(|&i| (reqs[i].0, reqs[i].1));
+    let reads = plan_reads(reqs, &order);
+    let mut out = Pieces {
+        bufs: Vec::new(),
+        at: vec![(0, 0, 0); reqs.len()],
+        reserved: buffers.reserve(buffer_bytes(&reads)),
+        pool: buffers,
+    };
+    for r in reads {
+        let level = reqs[order[r.i]].0;
+        let mut buf = buffers.take((r.end - r.start) as usize);
+        layers[level].read_data(r.start, &mut buf)?;
+        if !r.compacted() {
+            // Each piece is a slice of the merged read, no copy.
+            for &k in &order[r.i..r.j] {
                 let (_, fo, n) = reqs[k];
-                out.at[k] = (out.bufs.len(), (fo - start) as usize, n as usize);
+                out.at[k] = (out.bufs.len(), (fo - r.start) as usize, n as usize);
             }
             out.bufs.push(buf);
-        } else {
-            // Mostly gaps (scattered small runs): the pieces are copied
-            // together, so that a group holds its data, not the gaps
-            // between, which for 4 KiB runs are most of the read.
-            let mut compact = buffers.take(covered as usize);
-            let mut at = 0;
-            for &k in &order[i..j] {
-                let (_, fo, n) = reqs[k];
-                let (from, n) = ((fo - start) as usize, n as usize);
-                compact[at..at + n].copy_from_slice(&buf[from..from + n]);
-                out.at[k] = (out.bufs.len(), at, n);
-                at += n;
-            }
-            out.bufs.push(compact);
-            buffers.give(buf);
+            continue;
         }
-        i = j;
+        let mut compact = buffers.take(r.covered as usize);
+        let mut at = 0;
+        for &k in &order[r.i..r.j] {
+            let (_, fo, n) = reqs[k];
+            let (from, n) = ((fo - r.start) as usize, n as usize);
+            compact[at..at + n].copy_from_slice(&buf[from..from + n]);
+            out.at[k] = (out.bufs.len(), at, n);
+            at += n;
+        }
+        out.bufs.push(compact);
+        buffers.give(buf);
     }
     Ok(out)
 }
 
 /// What `read_pieces` read: a few buffers, and where in them each
-/// requested piece lies.
-pub(super) struct Pieces {
+/// requested piece lies. Dropping it gives the buffers and their
+/// reservation back to the pool.
+pub(super) struct Pieces<'a> {
     bufs: Vec<Vec<u8>>,
     /// Per request: (buffer, start, length).
     at: Vec<(usize, usize, usize)>,
+    reserved: usize,
+    pool: &'a Buffers,
 }
 
-impl Pieces {
+impl Pieces<'_> {
     pub(super) fn get(&self, k: usize) -> &[u8] {
         let (b, start, len) = self.at[k];
         &self.bufs[b][start..start + len]
     }
+}
 
-    pub(super) fn give_back(self, buffers: &Buffers) {
-        for b in self.bufs {
-            buffers.give(b);
-        }
+impl Drop for Pieces<'_> {
+    fn drop(&mut self) {
+        self.pool
+            .give_back(std::mem::take(&mut self.bufs), self.reserved);
     }
 }
 
-/// Read buffers handed back once written or hashed, for the next read: a
-/// fresh buffer of several MiB costs a page fault and a zeroed page per
-/// 4 KiB, about a tenth of a whole-block merge's CPU time.
+/// The read buffers of a merge, bounded in bytes: a group reserves what
+/// its reads will hold before reading, and waits while the groups in
+/// flight would pass `memory::READ_BUFFERS` (a group alone never waits; no
+/// group needs more, see `buffer_bytes`). Buffers handed back are kept for
+/// the next reads within the same bound: a fresh buffer of several MiB
+/// costs a page fault and a zeroed page per 4 KiB, about a tenth of a
+/// whole-block merge's CPU time.
+pub(super) struct Buffers {
+    pool: Mutex<Pool>,
+    freed: Condvar,
+    limit: usize,
+}
+
 #[derive(Default)]
-pub(super) struct Buffers(Mutex<Vec<Vec<u8>>>);
+struct Pool {
+    /// Bytes reserved by the groups in flight.
+    reserved: usize,
+    kept: Vec<Vec<u8>>,
+    /// The most bytes reserved and kept at once (for tests).
+    peak: usize,
+}
+
+impl Pool {
+    fn kept_bytes(&self) -> usize {
+        self.kept.iter().map(Vec::capacity).sum()
+    }
+}
+
+impl Default for Buffers {
+    fn default() -> Self {
+        Buffers::with_limit(super::memory::READ_BUFFERS)
+    }
+}
 
 impl Buffers {
-    /// Bytes kept: about two groups. Enough to serve the groups in flight,
-    /// little enough that peak memory stays what the groups themselves
-    /// take (a cap on the count alone let a 5-level merge, whose merged
-    /// reads reach 16 MiB, keep 64 MiB).
-    const KEEP_BYTES: usize = 2 * GROUP_BYTES as usize;
+    fn with_limit(limit: usize) -> Buffers {
+        Buffers {
+            pool: Mutex::new(Pool::default()),
+            freed: Condvar::new(),
+            limit,
+        }
+    }
 
-    /// A buffer of `len` bytes with any contents (the caller overwrites it).
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reserves `bytes` for a group's buffers, waiting until the groups in
+    /// flight leave room; kept buffers beyond the room left are freed.
+    fn reserve(&self, bytes: usize) -> usize {
+        let mut pool = self.lock();
+        while pool.reserved > 0 && pool.reserved + bytes > self.limit {
+            pool = self.freed.wait(pool).unwrap_or_else(|e| e.into_inner());
+        }
+        pool.reserved += bytes;
+        while pool.reserved + pool.kept_bytes() > self.limit && !pool.kept.is_empty() {
+            pool.kept.swap_remove(0);
+        }
+        pool.peak = pool.peak.max(pool.reserved + pool.kept_bytes());
+        bytes
+    }
+
+    /// A buffer of `len` bytes with any contents (the caller overwrites
+    /// it): the smallest kept one that fits, cut to about `len`.
     fn take(&self, len: usize) -> Vec<u8> {
-        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match kept.iter().position(|v| v.capacity() >= len) {
+        let mut pool = self.lock();
+        let fit = (0..pool.kept.len())
+            .filter(|&i| pool.kept[i].capacity() >= len)
+            .min_by_key(|&i| pool.kept[i].capacity());
+        match fit {
             Some(i) => {
-                let mut v = kept.swap_remove(i);
+                let mut v = pool.kept.swap_remove(i);
+                drop(pool);
+                if v.capacity() > len + len / 4 {
+                    v.clear();
+                    v.shrink_to(len);
+                }
                 v.resize(len, 0);
                 v
             }
@@ -270,17 +390,35 @@ impl Buffers {
         }
     }
 
+    /// Keeps a buffer a read no longer needs, if the bound leaves room.
     fn give(&self, v: Vec<u8>) {
+        let mut pool = self.lock();
+        Self::keep(&mut pool, v, self.limit);
+    }
+
+    fn keep(pool: &mut Pool, v: Vec<u8>, limit: usize) {
         if v.capacity() < 1 << 20 {
             return;
         }
-        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let held: usize = kept.iter().map(Vec::capacity).sum();
-        if held + v.capacity() <= Self::KEEP_BYTES {
-            kept.push(v);
+        let kept = pool.kept_bytes();
+        if kept + v.capacity() <= KEEP_BYTES && pool.reserved + kept + v.capacity() <= limit {
+            pool.kept.push(v);
         }
     }
+
+    fn give_back(&self, bufs: Vec<Vec<u8>>, reserved: usize) {
+        let mut pool = self.lock();
+        pool.reserved -= reserved;
+        for v in bufs {
+            Self::keep(&mut pool, v, self.limit);
+        }
+        drop(pool);
+        self.freed.notify_all();
+    }
 }
+
+/// Bytes of buffers kept for reuse: about two groups.
+const KEEP_BYTES: usize = 2 * GROUP_BYTES as usize;
 
 #[cfg(test)]
 mod tests {
@@ -330,7 +468,8 @@ mod tests {
         // one at 20 MiB another (with its neighbour 1000 bytes on), and b
         // its own.
         assert_eq!(pieces.bufs.len(), 3);
-        pieces.give_back(&buffers);
+        let held: usize = pieces.bufs.iter().map(Vec::capacity).sum();
+        assert!(held <= pieces.reserved, "{held} > {}", pieces.reserved);
     }
 
     /// Scattered small pieces are copied together, so the group holds
@@ -340,12 +479,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layers = vec![layer(dir.path(), "a", 4 << 20, 3)];
         let reqs: Vec<(usize, u64, u64)> = (0..64).map(|i| (0, i * 60_000, 512)).collect();
-        let pieces = read_pieces(&layers, &reqs, &Buffers::default()).unwrap();
+        let buffers = Buffers::default();
+        let pieces = read_pieces(&layers, &reqs, &buffers).unwrap();
         let held: usize = pieces.bufs.iter().map(Vec::len).sum();
         assert_eq!(held, 64 * 512);
+        assert!(pieces.bufs.iter().map(Vec::capacity).sum::<usize>() <= pieces.reserved);
         for (k, &(_, fo, n)) in reqs.iter().enumerate() {
             assert_eq!(pieces.get(k), expected(4 << 20, 3, fo, n));
         }
+    }
+
+    /// Groups wait for room: what is reserved and kept never passes the
+    /// limit, however many readers ask at once, and all of it comes back.
+    #[test]
+    fn reservations_and_kept_buffers_stay_within_the_limit() {
+        let b = Buffers::with_limit(6 << 20);
+        std::thread::scope(|s| {
+            for t in 0..3usize {
+                let b = &b;
+                s.spawn(move || {
+                    for i in 0..40 {
+                        let n = ((t + i) % 4 + 1) << 20;
+                        let r = b.reserve(n);
+                        let v = b.take(n);
+                        assert!(v.capacity() <= n + n / 4);
+                        std::thread::yield_now();
+                        b.give_back(vec![v], r);
+                    }
+                });
+            }
+        });
+        let pool = b.lock();
+        assert!(pool.peak <= 6 << 20, "peak {}", pool.peak);
+        assert_eq!(pool.reserved, 0);
     }
 
     #[test]
@@ -354,8 +520,7 @@ mod tests {
         for _ in 0..8 {
             b.give(vec![0u8; 4 << 20]);
         }
-        let held: usize = b.0.lock().unwrap().iter().map(Vec::capacity).sum();
-        assert!(held <= Buffers::KEEP_BYTES, "{held}");
+        assert!(b.lock().kept_bytes() <= KEEP_BYTES);
         assert_eq!(b.take(1 << 20).len(), 1 << 20);
     }
 }
