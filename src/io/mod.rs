@@ -67,6 +67,16 @@ pub fn stored_run(io: &dyn Storage, offset: u64, len: u64) -> io::Result<(bool, 
     }
 }
 
+/// Asks the kernel to start reading [offset, offset + len) of a file now
+/// (`POSIX_FADV_WILLNEED`): reads of scattered pieces issued one at a time
+/// wait for the disk one at a time; announced together, the disk gets
+/// them all at once. Only advice: a refusal changes nothing.
+pub fn will_need(fd: BorrowedFd<'_>, offset: u64, len: u64) {
+    if let Some(len) = std::num::NonZeroU64::new(len) {
+        let _ = rustix::fs::fadvise(fd, offset, Some(len), rustix::fs::Advice::WillNeed);
+    }
+}
+
 /// Boxed and shared storages delegate to what they hold.
 macro_rules! delegate_storage {
     ($t:ty) => {

@@ -47,7 +47,9 @@ pub(super) fn verify_group(
         }
         layout.push(parts);
     }
-    let pieces = read_pieces(&after.layers, &reqs, buffers)?;
+    // What was just written is in the page cache: reading the gaps
+    // between runs would cost more than the calls it saves.
+    let pieces = read_pieces(&after.layers, &reqs, 0, buffers)?;
     let mut next = 0;
     for (&(offset, len, hash), parts) in chunk.iter().zip(layout) {
         let mut hasher = blake3::Hasher::new();
@@ -116,7 +118,7 @@ fn read_group<'a>(
         .filter(|(_, d)| matches!(d, Loaded::Read(..)))
         .filter_map(|(r, _)| r.source.map(|fo| (r.level, fo, r.len)))
         .collect();
-    let pieces = read_pieces(layers, &reqs, buffers)?;
+    let pieces = read_pieces(layers, &reqs, READ_GAP, buffers)?;
     let mut next = 0;
     let datas = datas
         .into_iter()
@@ -182,9 +184,9 @@ impl MergedRead {
     }
 }
 
-/// The reads for `reqs` (in `order`): pieces of one file within
-/// `READ_GAP` of each other and within `MERGED_READ` bytes are one read.
-fn plan_reads(reqs: &[(usize, u64, u64)], order: &[usize]) -> Vec<MergedRead> {
+/// The reads for `reqs` (in `order`): pieces of one file within `gap`
+/// bytes of each other and within `MERGED_READ` bytes are one read.
+fn plan_reads(reqs: &[(usize, u64, u64)], order: &[usize], gap: u64) -> Vec<MergedRead> {
     let mut reads = Vec::new();
     let mut i = 0;
     while i < order.len() {
@@ -193,7 +195,7 @@ fn plan_reads(reqs: &[(usize, u64, u64)], order: &[usize]) -> Vec<MergedRead> {
         let mut j = i + 1;
         while j < order.len() {
             let (l, fo, n) = reqs[order[j]];
-            if l != level || fo > end + READ_GAP || fo + n - start > MERGED_READ {
+            if l != level || fo > end + gap || fo + n - start > MERGED_READ {
                 break;
             }
             end = end.max(fo + n);
@@ -235,24 +237,32 @@ fn buffer_bytes(reads: &[MergedRead]) -> usize {
 }
 
 /// Reads (level, file offset, length) pieces, merging the pieces of one
-/// file that lie close together into a single read: runs come in guest
+/// file that lie within `gap` bytes into a single read: runs come in guest
 /// order, and scattered small runs (4 KiB writes) would otherwise cost a
 /// random read each. The buffers' bytes are reserved from `buffers`
 /// before the first read (which may wait for other groups to go).
 fn read_pieces<'a>(
     layers: &[Box<dyn Layer>],
     reqs: &[(usize, u64, u64)],
+    gap: u64,
     buffers: &'a Buffers,
 ) -> Result<Pieces<'a>> {
     let mut order: Vec<usize> = (0..reqs.len()).collect();
     order.sort_by_key(|&i| (reqs[i].0, reqs[i].1));
-    let reads = plan_reads(reqs, &order);
+    let reads = plan_reads(reqs, &order, gap);
     let mut out = Pieces {
         bufs: Vec::new(),
         at: vec![(0, 0, 0); reqs.len()],
         reserved: buffers.reserve(buffer_bytes(&reads)),
         pool: buffers,
     };
+    if reads.len() > 1 {
+        for r in &reads {
+            if let Some(fd) = layers[reqs[order[r.i]].0].file() {
+                crate::io::will_need(fd, r.start, r.end - r.start);
+            }
+        }
+    }
     for r in reads {
         let level = reqs[order[r.i]].0;
         let mut buf = buffers.take((r.end - r.start) as usize);
@@ -459,7 +469,7 @@ mod tests {
             (0, (20 << 20) + 65536 + 1000, 100),
         ];
         let buffers = Buffers::default();
-        let pieces = read_pieces(&layers, &reqs, &buffers).unwrap();
+        let pieces = read_pieces(&layers, &reqs, READ_GAP, &buffers).unwrap();
         for (k, &(level, fo, n)) in reqs.iter().enumerate() {
             let seed = [1, 2][level];
             assert_eq!(pieces.get(k), expected(len, seed, fo, n), "request {k}");
@@ -480,7 +490,7 @@ mod tests {
         let layers = vec![layer(dir.path(), "a", 4 << 20, 3)];
         let reqs: Vec<(usize, u64, u64)> = (0..64).map(|i| (0, i * 60_000, 512)).collect();
         let buffers = Buffers::default();
-        let pieces = read_pieces(&layers, &reqs, &buffers).unwrap();
+        let pieces = read_pieces(&layers, &reqs, READ_GAP, &buffers).unwrap();
         let held: usize = pieces.bufs.iter().map(Vec::len).sum();
         assert_eq!(held, 64 * 512);
         assert!(pieces.bufs.iter().map(Vec::capacity).sum::<usize>() <= pieces.reserved);
