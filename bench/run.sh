@@ -104,6 +104,10 @@ prepare() {
         qemu-img create -q -f qcow2 -b "qbase.$ext" -F "$qf" "$d/over.qcow2"
         qemu-io -f qcow2 "$d/over.qcow2" < "$d/cmds" > /dev/null
         head -c "$bytes" /dev/urandom > "$d/payload.raw"
+        # (f) also against a copy of its merged bytes plus the base data
+        # it overwrites (a quarter of them), each once: what a merge that
+        # keeps before-images must at least move.
+        [ "$wl" = f ] && head -c $((bytes + bytes / 4)) /dev/urandom > "$d/payload-images.raw"
         return
         ;;
     d)
@@ -159,6 +163,10 @@ run() {
         # The peer's files are done with: (f) to (h) need the space.
         rm -f "$r"/qbase.* "$r"/over.qcow2 "$r"/q[0-9].qcow2
         timed "$wl-copy" dd if="$r/payload.raw" of="$r/copy.raw" bs=4M conv=fsync status=none
+        if [ -f "$r/payload-images.raw" ]; then
+            rm -f "$r/copy.raw"
+            timed "$wl-copyimg" dd if="$r/payload-images.raw" of="$r/copy.raw" bs=4M conv=fsync status=none
+        fi
         # The same merge leaving the merged files (renamed), as qemu-img
         # commit leaves its overlay: deleting a large sparse file is work
         # of the file system (ext4 frees every extent) that the peer skips.
@@ -305,6 +313,13 @@ done
 echo "| workload | merged data | vhdmerge merge (median) | merge --keep | rm of the merged files | rate | qemu-img commit | ratio vs qemu (merge / --keep) | plain copy + fsync | ratio vs copy (merge / --keep) | vhdmerge peak RSS | journal | first / last decile (last / first) |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for wl in $WORKLOADS; do [ "$wl" = r ] || report "$wl"; done
+for wl in $WORKLOADS; do
+    [ -f "$W/$wl-copyimg.times" ] || continue
+    k=$(awk '{print $1}' "$W/$wl-keep.times" | median)
+    c=$(awk '{print $1}' "$W/$wl-copyimg.times" | median)
+    echo
+    echo "($wl) plain copy of its merged bytes plus the base data they overwrite, once: $c s; merge --keep / that copy: $(python3 -c "print(f'{$k / $c:.2f}')")"
+done
 echo
 echo "Space and cloning, merge --keep (the merged files stay, so cloned blocks stay shared): the file system's used bytes after minus before (settled), and the bytes the report says were cloned:"
 echo
