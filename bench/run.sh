@@ -107,7 +107,9 @@ prepare() {
         # (f) also against a copy of its merged bytes plus the base data
         # it overwrites (a quarter of them), each once: what a merge that
         # keeps before-images must at least move.
-        [ "$wl" = f ] && head -c $((bytes + bytes / 4)) /dev/urandom > "$d/payload-images.raw"
+        if [ "$wl" = f ]; then
+            head -c $((bytes + bytes / 4)) /dev/urandom > "$d/payload-images.raw"
+        fi
         return
         ;;
     d)
