@@ -21,7 +21,7 @@
 //! restores; the first image of a page in the whole journal is still its
 //! original, which is what a full rollback restores.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -36,8 +36,11 @@ struct State {
     epoch: u64,
     /// The file's length when this epoch began.
     start_len: u64,
-    /// Pages (below `start_len`) imaged in this epoch.
-    saved: Vec<u64>,
+    /// Pages (below `start_len`) imaged in this epoch: a word of 64 page
+    /// bits per 256 KiB of the file that holds any, so that the set grows
+    /// with what the epoch overwrote, not with the file (a bitmap of a
+    /// 2 TiB file would take 64 MiB).
+    saved: HashMap<u64, u64>,
     /// Overwrites waiting for the journal, by offset.
     held: BTreeMap<u64, Held>,
     /// The bytes of the held overwrites, one after the other. Its capacity
@@ -52,12 +55,12 @@ struct State {
 
 impl State {
     fn is_saved(&self, page: u64) -> bool {
-        self.saved[(page / 64) as usize] >> (page % 64) & 1 == 1
+        self.saved.get(&(page / 64)).is_some_and(|w| w >> (page % 64) & 1 == 1)
     }
 
     fn mark_saved(&mut self, from: u64, to: u64) {
         for p in from..to {
-            self.saved[(p / 64) as usize] |= 1 << (p % 64);
+            *self.saved.entry(p / 64).or_default() |= 1 << (p % 64);
         }
     }
 }
@@ -129,7 +132,7 @@ impl<S: Storage> Journaled<S> {
             state: Mutex::new(State {
                 epoch,
                 start_len,
-                saved: page_set(start_len),
+                saved: HashMap::new(),
                 held: BTreeMap::new(),
                 arena: Vec::new(),
                 image_buf: Vec::new(),
@@ -155,7 +158,7 @@ impl<S: Storage> Journaled<S> {
             debug_assert!(st.held.is_empty(), "a checkpoint follows a barrier");
             st.epoch = epoch;
             st.start_len = self.inner.len()?;
-            st.saved = page_set(st.start_len);
+            st.saved = HashMap::new();
         }
         Ok(())
     }
@@ -169,6 +172,12 @@ impl<S: Storage> Journaled<S> {
     fn image(&self, st: &mut State, start: u64, end: u64) -> io::Result<()> {
         let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
         self.clone_images(st, &mut journal, start, end)?;
+        if end - start > IMAGE_READ
+            && let Some(fd) = self.inner.fd()
+        {
+            // Every read below then finds its pages on the way.
+            crate::io::will_need(fd, start, end - start);
+        }
         let mut zeros: Option<(u64, u64)> = None;
         let mut buf = std::mem::take(&mut st.image_buf);
         let (mut page, last) = (start / PAGE, end.div_ceil(PAGE));
@@ -491,10 +500,6 @@ fn add_zeros(
     }
 }
 
-/// A bit per 4 KiB page of a file of `len` bytes.
-fn page_set(len: u64) -> Vec<u64> {
-    vec![0; len.div_ceil(PAGE).div_ceil(64) as usize]
-}
 
 #[cfg(test)]
 mod tests {
