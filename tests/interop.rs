@@ -250,3 +250,72 @@ fn chains_made_by_vhdmerge_read_alike_in_dissect_and_libvhdi() {
         "libvhdi, VHD chain"
     );
 }
+
+/// A merge that rewrites whole blocks of a VHD base's data writes them out
+/// of place: the merged base reads as the child did in qemu-img, dissect
+/// and libvhdi, the blocks moved, and the blocks they left are holes.
+#[test]
+fn vhd_blocks_rewritten_out_of_place_read_alike() {
+    if !need("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    let child = dir.path().join("child.avhd");
+    let bs = 2u64 << 20;
+    let opts = VhdOptions {
+        size: 16 << 20,
+        block_size: bs,
+        fixed: false,
+    };
+    create::create_vhd(&base, &opts).unwrap();
+    let mut rng = Rng(23);
+    let mut b = common::open_writable(&base);
+    b.write(0, &rng.bytes(8 << 20)).unwrap();
+    b.close().unwrap();
+    drop(b);
+    create::create_child(&child, &base, Some(bs)).unwrap();
+    let mut c = common::open_writable(&child);
+    // Blocks 1 and 2 whole, part of block 3, and a new block 6.
+    c.write(bs, &rng.bytes(2 * bs as usize)).unwrap();
+    c.write(3 * bs + 4096, &rng.bytes(8192)).unwrap();
+    c.write(6 * bs, &rng.bytes(bs as usize)).unwrap();
+    c.close().unwrap();
+    drop(c);
+    let expected = digest_of(&child);
+    let place = |block: u64| {
+        let l = vhdmerge::disk::open_layer(&base, false).unwrap();
+        match l.map(block * bs, 4096).unwrap().0 {
+            vhdmerge::disk::Extent::Data(at) => at,
+            other => panic!("block {block}: {other:?}"),
+        }
+    };
+    let before: Vec<u64> = (0..4).map(place).collect();
+    let o = vhdmerge(&["merge", child.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let after: Vec<u64> = (0..4).map(place).collect();
+    assert_eq!(
+        (before[0], before[3]),
+        (after[0], after[3]),
+        "partial blocks stay"
+    );
+    assert!(
+        after[1] != before[1] && after[2] != before[2],
+        "whole blocks moved"
+    );
+    // The old places of blocks 1 and 2 are holes now.
+    let f = std::fs::File::open(&base).unwrap();
+    for &at in &before[1..3] {
+        let data = rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(at));
+        assert!(
+            data.map_or(true, |d| d >= at + bs),
+            "the replaced block at {at:#x} still holds data"
+        );
+    }
+    assert_eq!(digest_of(&base), expected);
+    assert_eq!(qemu_digest("vpc", &base, dir.path()), expected);
+    if let Some(py) = python() {
+        assert_eq!(oracle(&py, "dissect", &[&base], dir.path()), expected);
+        assert_eq!(oracle(&py, "libvhdi", &[&base], dir.path()), expected);
+    }
+}

@@ -55,7 +55,9 @@ struct State {
 
 impl State {
     fn is_saved(&self, page: u64) -> bool {
-        self.saved.get(&(page / 64)).is_some_and(|w| w >> (page % 64) & 1 == 1)
+        self.saved
+            .get(&(page / 64))
+            .is_some_and(|w| w >> (page % 64) & 1 == 1)
     }
 
     fn mark_saved(&mut self, from: u64, to: u64) {
@@ -499,7 +501,6 @@ fn add_zeros(
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {

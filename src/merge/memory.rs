@@ -1,8 +1,9 @@
 //! The merge's memory, bounded in bytes. What a merge holds does not grow
 //! with the disk's size, the block sizes or the share of overwrites:
-//! besides the open layers' BATs (and a bit per 4 KiB page of the
-//! ancestor for the write-ahead storage's imaged pages), each consumer has
-//! a bound, enforced where its constant is defined:
+//! besides the open layers' BATs, and the set of pages imaged since the
+//! last checkpoint (a 64-bit word per 256 KiB of the ancestor the epoch
+//! overwrote; an epoch is at most 1 GiB or 30 s of copying), each
+//! consumer has a bound, enforced where its constant is defined:
 //!
 //! | consumer | bound | enforced by |
 //! |---|---|---|
