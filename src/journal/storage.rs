@@ -60,9 +60,14 @@ impl State {
             .is_some_and(|w| w >> (page % 64) & 1 == 1)
     }
 
+    /// Marks pages [from, to), a word (64 pages) at a time.
     fn mark_saved(&mut self, from: u64, to: u64) {
-        for p in from..to {
-            *self.saved.entry(p / 64).or_default() |= 1 << (p % 64);
+        let mut p = from;
+        while p < to {
+            let n = (64 - p % 64).min(to - p);
+            let bits = (u64::MAX >> (64 - n)) << (p % 64);
+            *self.saved.entry(p / 64).or_default() |= bits;
+            p += n;
         }
     }
 }
