@@ -71,11 +71,23 @@ pub enum Action {
     Resume,
     /// Check every copied run (redo lost ones) and clean up.
     Finish,
-    /// `--rollback` after cleanup began: the merged files are going.
+    /// `--rollback` after cleanup began (the merged files are going), or
+    /// of a finish-only merge that may have written (no data images).
     RefuseRollback,
 }
 
-pub fn decide(state: &State, rollback: bool) -> Action {
+/// `finish_only`: the journal holds FinishOnly. Such a merge is rolled
+/// back only before its first Checkpoint is durable, when it has written
+/// nothing; from there on it is resumed or finished.
+pub fn decide(state: &State, finish_only: bool, rollback: bool) -> Action {
+    let action = decide_undoable(state, rollback);
+    match action {
+        Action::Rollback { mark: true } if finish_only => Action::RefuseRollback,
+        _ => action,
+    }
+}
+
+fn decide_undoable(state: &State, rollback: bool) -> Action {
     match (state, rollback) {
         (State::Applying { checkpoint: None }, _) => Action::Rollback { mark: false },
         (
@@ -158,9 +170,23 @@ pub fn recover_journal(
     let jdir = crate::paths::folder_of(jpath);
     let paths: Vec<PathBuf> = begin.files.iter().map(|f| jdir.join(&f.path)).collect();
     let state = State::of(&loaded.records);
-    let action = decide(&state, rollback);
+    let finish_only = journal::state::finish_only(&loaded.records);
+    let action = decide(&state, finish_only, rollback);
     if action == Action::RefuseRollback {
-        return Err(Error::WriteRefused { path: jpath.to_path_buf(), reason: "the merge had already committed and begun deleting the merged files; it can only be finished. Run `vhdmerge recover` without --rollback".into() });
+        let why = match state {
+            State::CleaningUp => {
+                "the merge had already committed and begun deleting the merged files"
+            }
+            _ => {
+                "the merge was started with --finish-only, so the ancestor's overwritten data has no before-images"
+            }
+        };
+        return Err(Error::WriteRefused {
+            path: jpath.to_path_buf(),
+            reason: format!(
+                "{why}; it can only be finished. Run `vhdmerge recover` without --rollback"
+            ),
+        });
     }
     // Only finishing reads the merged files (to redo a lost copy); a
     // rollback never touches them, so one that another program changed
@@ -279,6 +305,14 @@ fn resume(
     };
     let sources = match sources {
         Ok(s) => s,
+        Err(why) if journal::state::finish_only(records) => {
+            return Err(Error::WriteRefused {
+                path: tx.jpath.clone(),
+                reason: format!(
+                    "{why}, so the interrupted merge cannot be resumed, and it was started with --finish-only, so it cannot be rolled back either; recovery wrote nothing. Put the merged files back as they were when the merge began (from a backup) and run `vhdmerge recover` again"
+                ),
+            });
+        }
         Err(why) => {
             mark_rollback(&tx.journal)?;
             rollback_all(&tx.jpath, begin, &tx.files, records)?;
@@ -520,8 +554,48 @@ mod tests {
         ];
         for (records, default, rollback) in cases {
             let state = State::of(&records);
-            assert_eq!(decide(&state, false), default, "{records:?}");
-            assert_eq!(decide(&state, true), rollback, "{records:?}");
+            assert_eq!(decide(&state, false, false), default, "{records:?}");
+            assert_eq!(decide(&state, false, true), rollback, "{records:?}");
+        }
+    }
+
+    /// A finish-only merge is rolled back only before its first durable
+    /// Checkpoint (nothing written yet); afterwards `--rollback` is refused.
+    #[test]
+    fn finish_only_merges_are_never_undone_once_begun() {
+        let cases = [
+            (
+                vec![Record::FinishOnly],
+                Action::Rollback { mark: false },
+                Action::Rollback { mark: false },
+            ),
+            (
+                vec![Record::FinishOnly, checkpoint()],
+                Action::Resume,
+                Action::RefuseRollback,
+            ),
+            (
+                vec![Record::FinishOnly, checkpoint(), Record::Committed],
+                Action::Finish,
+                Action::RefuseRollback,
+            ),
+            (
+                vec![
+                    Record::FinishOnly,
+                    checkpoint(),
+                    Record::Committed,
+                    Record::CleanupStarted,
+                ],
+                Action::Finish,
+                Action::RefuseRollback,
+            ),
+        ];
+        for (records, default, rollback) in cases {
+            let state = State::of(&records);
+            let finish_only = crate::journal::state::finish_only(&records);
+            assert!(finish_only);
+            assert_eq!(decide(&state, true, false), default, "{records:?}");
+            assert_eq!(decide(&state, true, true), rollback, "{records:?}");
         }
     }
 

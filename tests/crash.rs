@@ -28,6 +28,7 @@ use scenarios::{Scenario, build, build_with, opts, scenarios};
 use sim::{Files, Scratch, Sim, fingerprint, name, snapshot, variants};
 use vhdmerge::io::trace::{self, Fault, Op};
 use vhdmerge::journal::State;
+use vhdmerge::journal::state::finish_only;
 use vhdmerge::merge::{self, MergeOptions};
 use vhdmerge::recover::{self, Action, Outcome};
 
@@ -83,7 +84,7 @@ fn recover_and_check(
     };
     let action = journal
         .as_ref()
-        .map(|l| recover::decide(&State::of(&l.records), rollback));
+        .map(|l| recover::decide(&State::of(&l.records), finish_only(&l.records), rollback));
     // A journal's image file outlives it when a crash falls between
     // deleting the two; `recover` deletes it.
     let images = vhdmerge::journal::images::path_for(&jpath);
@@ -205,8 +206,8 @@ fn modes(state: &Files, ancestor: &str) -> &'static [bool] {
         .and_then(|b| vhdmerge::journal::decode(Path::new("journal"), &b.to_vec()).ok());
     match j {
         Some(l) => {
-            let st = State::of(&l.records);
-            if recover::decide(&st, false) != recover::decide(&st, true) {
+            let (st, f) = (State::of(&l.records), finish_only(&l.records));
+            if recover::decide(&st, f, false) != recover::decide(&st, f, true) {
                 &[false, true]
             } else {
                 &[false]
@@ -240,14 +241,54 @@ fn explore(s: &Scenario, p: Params) -> Totals {
     vhdmerge::guid::set_seed(Some(4242));
     let r = run_merge(&wchild, &o);
     let (ops, _) = trace::stop();
-    let cloned = r.unwrap().sharing.cloned_bytes;
+    let r = r.unwrap();
+    let cloned = r.sharing.cloned_bytes;
+    if s.finish_only {
+        // The mode must matter: the same merge with before-images of its
+        // overwritten data journals more.
+        let mut plain = Scratch::new();
+        plain.set(&start);
+        let o = MergeOptions {
+            finish_only: false,
+            batch_bytes: p.batch_bytes,
+            checkpoint_bytes: p.checkpoint_bytes,
+            ..opts(s, plain.path())
+        };
+        trace::start(plain.path(), true, None, true);
+        trace::set_emulate_clones(s.clones);
+        let with_images = run_merge(&plain.path().join(name(&child)), &o).unwrap();
+        let (plain_ops, _) = trace::stop();
+        // Cloned before-images go to the image file, beside the journal.
+        let cloned_images: u64 = plain_ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Write { path, data, .. } if path.to_string_lossy().ends_with(".images") => {
+                    Some(data.len() as u64)
+                }
+                _ => None,
+            })
+            .sum();
+        let imaged = with_images.journal_bytes + cloned_images;
+        assert!(
+            r.journal_bytes < imaged,
+            "{}: journal {} bytes finish-only, {imaged} with data images",
+            s.name,
+            r.journal_bytes,
+        );
+    }
     assert_eq!(cloned > 0, s.clones, "{}: cloned {cloned} bytes", s.name);
     // Cloned scenarios overwrite the base's data: their before-images
     // must go to the journal's image file (CloneImage), and be explored.
     let images_written = ops.iter().any(
         |op| matches!(op, Op::Write { path, .. } if path.to_string_lossy().ends_with(".images")),
     );
-    assert_eq!(images_written, s.clones, "{}: image file written", s.name);
+    // A finish-only merge images no guest data, so it clones no images.
+    let want_images = s.clones && !s.finish_only;
+    assert_eq!(
+        images_written, want_images,
+        "{}: image file written",
+        s.name
+    );
     let files = work.read();
     let ancestor = ancestor_name(s, &o);
     // A VHD takes the rewritten whole block out of place: its data moved.

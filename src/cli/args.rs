@@ -146,6 +146,12 @@ pub struct MergeArgs {
     /// files' blocks with the ancestor (XFS, btrfs reflink).
     #[arg(long)]
     pub copy: bool,
+    /// Write no before-images of the ancestor's data the merge overwrites:
+    /// faster when the child rewrites data the ancestor holds, but an
+    /// interrupted merge can then only be finished (`recover`), never
+    /// rolled back, and the merged files must stay unchanged until it is.
+    #[arg(long)]
+    pub finish_only: bool,
 }
 
 #[derive(Args)]

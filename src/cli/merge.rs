@@ -26,6 +26,7 @@ pub fn cmd_merge(a: MergeArgs, quiet: bool) -> Exit {
         checkpoint_bytes: a.checkpoint_every.max(1),
         stop: Some(stop_on_signals()),
         share: !a.copy,
+        finish_only: a.finish_only,
     };
     let show = Show {
         dry_run: a.dry_run,

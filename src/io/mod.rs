@@ -19,6 +19,12 @@ pub trait Storage: Send + Sync {
     /// Reads exactly `buf.len()` bytes; past the end of the file is an error.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes guest data of a merge: bytes that a recovery can write again
+    /// from the merged files, which a finish-only merge's write-ahead
+    /// storage therefore does not image. Default: as `write_at`.
+    fn write_data_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)
+    }
     /// Makes every completed write durable (fdatasync).
     fn flush(&self) -> io::Result<()>;
     fn set_len(&self, len: u64) -> io::Result<()>;
@@ -86,6 +92,9 @@ macro_rules! delegate_storage {
             }
             fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
                 (**self).write_at(buf, offset)
+            }
+            fn write_data_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+                (**self).write_data_at(buf, offset)
             }
             fn flush(&self) -> io::Result<()> {
                 (**self).flush()
@@ -580,10 +589,17 @@ impl Src {
         })
     }
 
-    /// Writes a payload: bytes, or a run of another file shared or copied.
+    /// Writes a payload of guest data: bytes, or a run of another file
+    /// shared or copied.
     pub fn put(&self, payload: crate::disk::Payload<'_>, offset: u64, what: &str) -> Result<()> {
         match payload {
-            crate::disk::Payload::Bytes(b) => self.write(b, offset, what),
+            crate::disk::Payload::Bytes(b) => self.io.write_data_at(b, offset).map_err(|e| {
+                Error::io(
+                    &self.path,
+                    format!("writing {what} ({} bytes at {offset:#x})", b.len()),
+                    e,
+                )
+            }),
             crate::disk::Payload::File {
                 from,
                 offset: src,

@@ -16,10 +16,10 @@ pub use state::State;
 
 /// "VMJR" little-endian: the first four bytes of every record.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"VMJR");
-/// Frames written by this version; it reads versions 1 to 4 (version 1
+/// Frames written by this version; it reads versions 1 to 5 (version 1
 /// has no Plan or Checkpoint records, version 2 no ZeroImage, version 3
-/// no Share or CloneImage).
-pub const VERSION: u16 = 4;
+/// no Share or CloneImage, version 4 no FinishOnly).
+pub const VERSION: u16 = 5;
 pub const FRAME_HEADER: usize = 24;
 /// Records larger than this are refused (a before-image batch is far smaller).
 pub const MAX_PAYLOAD: u32 = 64 << 20;
@@ -233,6 +233,8 @@ pub struct Writer {
     images: Option<images::ImageFile>,
     /// A failed spill, reported by the next sync (nothing is synced after it).
     spill_error: Option<Error>,
+    /// The journal holds a FinishOnly record.
+    finish_only: bool,
 }
 
 /// Appended records held in memory beyond this are written to the file
@@ -244,16 +246,13 @@ impl Writer {
     /// Creates the journal with its Begin record, durable (file and folder)
     /// before this returns. Refuses to replace an existing journal.
     pub fn create(path: &Path, begin: Begin) -> Result<Writer> {
-        Writer::create_with(path, begin, None)
+        Writer::create_with(path, begin, &[])
     }
 
-    /// Like `create`, with a second record (the merge's Plan) made
-    /// durable in the same sync as Begin.
-    pub fn create_with(
-        path: &Path,
-        begin: Begin,
-        second: impl Into<Option<Record>>,
-    ) -> Result<Writer> {
+    /// Like `create`, with more records (the merge's Plan, and for a
+    /// finish-only merge FinishOnly and a first Checkpoint) made durable
+    /// in the same sync as Begin.
+    pub fn create_with(path: &Path, begin: Begin, more: &[Record]) -> Result<Writer> {
         let file = FileStorage::create_new(path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 Error::WriteRefused {
@@ -278,10 +277,11 @@ impl Writer {
             checkpoints: 0,
             images: None,
             spill_error: None,
+            finish_only: false,
         };
         w.append(&Record::Begin(begin));
-        if let Some(r) = second.into() {
-            w.append(&r);
+        for r in more {
+            w.append(r);
         }
         w.sync()?;
         sync_dir(path)?;
@@ -308,7 +308,14 @@ impl Writer {
             checkpoints: 0,
             images: None,
             spill_error: None,
+            finish_only: state::finish_only(&loaded.records),
         })
+    }
+
+    /// Whether this journal is a finish-only merge's (see
+    /// `Record::FinishOnly`): its write-ahead storage images no guest data.
+    pub fn finish_only(&self) -> bool {
+        self.finish_only
     }
 
     /// Lets the write-ahead storage clone large before-images into the
@@ -327,6 +334,9 @@ impl Writer {
     pub fn append(&mut self, rec: &Record) {
         self.pending.extend_from_slice(&encode(self.seq, rec));
         self.seq += 1;
+        if matches!(rec, Record::FinishOnly) {
+            self.finish_only = true;
+        }
         if matches!(rec, Record::Checkpoint(_)) {
             self.checkpoints += 1;
         }

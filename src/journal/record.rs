@@ -110,6 +110,12 @@ pub enum Record {
         length: u64,
         image_offset: u64,
     },
+    /// Version 5: the merge was started finish-only (`merge
+    /// --finish-only`): overwritten guest data has no before-images, so an
+    /// interrupted merge can only be finished, never rolled back. Always
+    /// record 2 when present, made durable with Begin, the Plan and a
+    /// first Checkpoint at the start.
+    FinishOnly,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +156,7 @@ impl Record {
             Record::ZeroImage { .. } => 9,
             Record::Share { .. } => 10,
             Record::CloneImage { .. } => 11,
+            Record::FinishOnly => 12,
         }
     }
 }

@@ -49,6 +49,12 @@ impl State {
     }
 }
 
+/// Whether the merge was started finish-only: its overwritten guest data
+/// has no before-images, so it can only be finished (version 5).
+pub fn finish_only(records: &[Record]) -> bool {
+    records.iter().any(|r| matches!(r, Record::FinishOnly))
+}
+
 /// The merge's Plan record (version 2 journals).
 pub fn plan(records: &[Record]) -> Option<&PlanRecord> {
     records.iter().find_map(|r| match r {
@@ -103,8 +109,12 @@ pub fn summary(loaded: &Loaded) -> String {
         (State::Applying { checkpoint: None }, _) => ": no checkpoint yet".into(),
         _ => String::new(),
     };
+    let mode = match finish_only(&loaded.records) {
+        true => ", finish-only",
+        false => "",
+    };
     format!(
-        "merge of {child} into {ancestor} ({}{progress})",
+        "merge of {child} into {ancestor} ({}{mode}{progress})",
         state.name()
     )
 }

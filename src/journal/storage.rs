@@ -102,6 +102,9 @@ pub struct Journaled<S: Storage> {
     /// The file itself as a clone source, for before-images cloned into
     /// the journal's image file (None when it is not a plain file).
     own: Option<Arc<SharedFile>>,
+    /// A finish-only merge's journal: guest data is written through
+    /// unimaged (a recovery writes it again from the merged files).
+    data_unimaged: bool,
 }
 
 /// Runs of at least this many bytes of stored pages are imaged by cloning
@@ -119,10 +122,10 @@ fn poisoned() -> io::Error {
 impl<S: Storage> Journaled<S> {
     pub fn new(inner: S, file: u32, journal: Arc<Mutex<Writer>>) -> io::Result<Journaled<S>> {
         let start_len = inner.len()?;
-        let epoch = journal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .checkpoints();
+        let (epoch, data_unimaged) = {
+            let j = journal.lock().unwrap_or_else(|e| e.into_inner());
+            (j.checkpoints(), j.finish_only())
+        };
         let own = match inner.fd() {
             Some(fd) => {
                 let block = rustix::fs::fstat(fd)?.st_blksize as u64;
@@ -136,6 +139,7 @@ impl<S: Storage> Journaled<S> {
             file,
             journal,
             own,
+            data_unimaged,
             state: Mutex::new(State {
                 epoch,
                 start_len,
@@ -392,6 +396,16 @@ impl<S: Storage> Journaled<S> {
         Ok(())
     }
 
+    /// Before guest data goes through unimaged: a held write it overlaps
+    /// is issued first, so the later write wins as it was meant to.
+    fn before_data(&self, st: &mut State, offset: u64, len: u64) -> io::Result<()> {
+        self.follow_checkpoints(st)?;
+        if Self::holds(st, offset, offset + len) {
+            self.issue(st)?;
+        }
+        Ok(())
+    }
+
     fn guarded<T>(&self, f: impl FnOnce(&mut State) -> io::Result<T>) -> io::Result<T> {
         let mut st = self.lock();
         if st.poisoned {
@@ -430,8 +444,21 @@ impl<S: Storage> Storage for Journaled<S> {
         })
     }
 
+    /// A finish-only merge writes guest data through, unimaged and
+    /// unheld (journal-format.md §6, "Finish-only"); otherwise as any write.
+    fn write_data_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if !self.data_unimaged {
+            return self.write_at(buf, offset);
+        }
+        self.guarded(|st| {
+            self.before_data(st, offset, buf.len() as u64)?;
+            self.inner.write_at(buf, offset)
+        })
+    }
+
     /// Overwrites are held like written bytes (a held clone keeps no data
-    /// in memory); growth is cloned straight away, as it is written.
+    /// in memory); growth is cloned straight away, as it is written. A
+    /// finish-only merge puts guest data through, as `write_data_at`.
     fn put_from(
         &self,
         from: &Arc<SharedFile>,
@@ -440,6 +467,10 @@ impl<S: Storage> Storage for Journaled<S> {
         len: u64,
     ) -> io::Result<()> {
         self.guarded(|st| {
+            if self.data_unimaged {
+                self.before_data(st, offset, len)?;
+                return self.inner.put_from(from, src_offset, offset, len);
+            }
             let split = self.overwritten(st, offset, len)?;
             if split > offset {
                 let held = Held::From(from.clone(), src_offset, split - offset);
@@ -661,5 +692,46 @@ mod tests {
                 (1, 4096, 61440, false),
             ]
         );
+    }
+
+    /// A finish-only merge's journal: guest data goes straight to the
+    /// file, unimaged and unheld; other writes (metadata) are imaged and
+    /// held as always, and a held write the data overlaps is issued first.
+    #[test]
+    fn finish_only_writes_data_through_unimaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let jp = dir.path().join("j");
+        let w = Writer::create_with(&jp, begin(), &[Record::FinishOnly]).unwrap();
+        assert!(w.finish_only());
+        let w = Arc::new(Mutex::new(w));
+        let s = Journaled::new(MemStorage::new(vec![1u8; 16384]), 0, w.clone()).unwrap();
+        s.write_data_at(&[2u8; 4096], 0).unwrap();
+        s.write_at(&[3u8; 512], 8192).unwrap();
+        s.write_data_at(&[4u8; 100], 8192 + 256).unwrap();
+        let mut b = [0u8; 1];
+        s.inner.read_at(&mut b, 0).unwrap();
+        assert_eq!(b[0], 2, "data is not held");
+        s.inner.read_at(&mut b, 8192 + 256).unwrap();
+        assert_eq!(b[0], 4, "the held metadata was issued first");
+        s.inner.read_at(&mut b, 8192).unwrap();
+        assert_eq!(b[0], 3);
+        s.flush().unwrap();
+        let l = super::super::load(&jp).unwrap();
+        let images: Vec<u64> = l
+            .records
+            .iter()
+            .filter_map(|r| match r {
+                Record::BeforeImage { offset, .. } => Some(*offset),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(images, vec![8192], "only the metadata page is imaged");
+        // Without FinishOnly the same data write is imaged.
+        let jp2 = dir.path().join("j2");
+        let w2 = Arc::new(Mutex::new(Writer::create(&jp2, begin()).unwrap()));
+        let s2 = Journaled::new(MemStorage::new(vec![1u8; 16384]), 0, w2).unwrap();
+        s2.write_data_at(&[2u8; 4096], 0).unwrap();
+        s2.flush().unwrap();
+        assert_eq!(super::super::load(&jp2).unwrap().records.len(), 2);
     }
 }

@@ -67,6 +67,10 @@ pub struct MergeOptions {
     /// Clone runs instead of copying them where the file system shares
     /// blocks between the merged files and the ancestor (reflink).
     pub share: bool,
+    /// Write no before-images of overwritten guest data: an interrupted
+    /// merge can then only be finished, never rolled back
+    /// (journal-format.md, `FinishOnly`).
+    pub finish_only: bool,
 }
 
 /// The longest a merge copies between two checkpoints.
@@ -93,6 +97,7 @@ impl Default for MergeOptions {
             checkpoint_bytes: 1 << 30,
             stop: None,
             share: true,
+            finish_only: false,
         }
     }
 }
@@ -207,7 +212,7 @@ pub fn execute(
         bytes: plan.bytes,
         identities,
     };
-    let tx = Transaction::begin(a_layer.path(), begin, plan_record, locks)?;
+    let tx = Transaction::begin(a_layer.path(), begin, plan_record, locks, opts.finish_only)?;
     failpoint(Failpoint::AfterBegin);
 
     let a = open_journaled(&tx.ancestor, 0, &tx.journal, format, new_guid, true)?;

@@ -38,14 +38,21 @@ pub fn refuse_damaged(chain: &Chain, levels: usize) -> Result<()> {
 pub fn refuse_pending(paths: &[&Path]) -> Result<()> {
     for p in paths {
         if let Some(j) = crate::transaction::pending_journal(p)? {
-            let what = match journal::load(&j) {
-                Ok(l) => format!("an interrupted {}", journal::state::summary(&l)),
-                Err(_) => "an interrupted merge".into(),
+            let (what, undo) = match journal::load(&j) {
+                Ok(l) if journal::state::finish_only(&l.records) => (
+                    format!("an interrupted {}", journal::state::summary(&l)),
+                    "it cannot be undone",
+                ),
+                Ok(l) => (
+                    format!("an interrupted {}", journal::state::summary(&l)),
+                    "`--rollback` undoes it",
+                ),
+                Err(_) => ("an interrupted merge".into(), "`--rollback` undoes it"),
             };
             return Err(Error::WriteRefused {
                 path: p.to_path_buf(),
                 reason: format!(
-                    "{what} left the journal {}; run `vhdmerge recover {}` first (it continues that merge; `--rollback` undoes it)",
+                    "{what} left the journal {}; run `vhdmerge recover {}` first (it continues that merge; {undo})",
                     j.display(),
                     p.display()
                 ),

@@ -116,12 +116,15 @@ pub(crate) struct Transaction {
 
 impl Transaction {
     /// Creates the journal beside `ancestor` with Begin and the Plan,
-    /// durable (file and folder) before this returns.
+    /// durable (file and folder) before this returns. A finish-only merge
+    /// adds FinishOnly and a Checkpoint of the start, so that from its
+    /// first write on, recovery resumes it (journal-format.md §3).
     pub(crate) fn begin(
         ancestor: &Path,
         begin: Begin,
         plan: journal::PlanRecord,
         locks: preflight::Locks,
+        finish_only: bool,
     ) -> Result<Transaction> {
         let jpath = journal::path_for(ancestor);
         let files: Vec<PathBuf> = begin
@@ -131,7 +134,16 @@ impl Transaction {
             .collect();
         let relinked = relinked_of(&begin, &files);
         let keep = begin.keep;
-        let writer = Writer::create_with(&jpath, begin, Record::Plan(plan))?;
+        let mut records = vec![Record::Plan(plan)];
+        if finish_only {
+            records.push(Record::FinishOnly);
+            records.push(Record::Checkpoint(journal::Checkpoint {
+                next_offset: 0,
+                bytes_done: 0,
+                lengths: begin.files.iter().map(|f| f.length).collect(),
+            }));
+        }
+        let writer = Writer::create_with(&jpath, begin, &records)?;
         Ok(Transaction {
             journal: Arc::new(Mutex::new(writer)),
             jpath,

@@ -26,6 +26,9 @@ pub struct Scenario {
     /// The top level rewrites a whole block of the base's data, which a
     /// VHD ancestor takes out of place (a new block, the BAT switched).
     pub whole_blocks: bool,
+    /// `merge --finish-only`: no before-images of guest data; recovery
+    /// must always end at the finished merge.
+    pub finish_only: bool,
 }
 
 pub fn build(s: &Scenario, dir: &Path) -> PathBuf {
@@ -133,6 +136,7 @@ pub fn opts(s: &Scenario, dir: &Path) -> MergeOptions {
     MergeOptions {
         into,
         batch_bytes: 256 << 10,
+        finish_only: s.finish_only,
         ..Default::default()
     }
 }
@@ -149,6 +153,11 @@ pub fn scenarios() -> Vec<Scenario> {
         dirty_log,
         clones: false,
         whole_blocks: false,
+        finish_only: false,
+    };
+    let finish_only = |s: Scenario| Scenario {
+        finish_only: true,
+        ..s
     };
     let cloned = |s: Scenario| Scenario { clones: true, ..s };
     let whole = |s: Scenario| Scenario {
@@ -269,6 +278,51 @@ pub fn scenarios() -> Vec<Scenario> {
             "vhd cloned whole blocks over base data",
             false,
             vec![2 * m, 2 * m],
+            0,
+            false,
+            false,
+            false,
+        ))),
+        finish_only(sc(
+            "vhdx finish-only, three levels, mixed block sizes",
+            true,
+            vec![2 * m, m, 4 * m],
+            0,
+            false,
+            false,
+            false,
+        )),
+        finish_only(whole(sc(
+            "vhdx finish-only, full base, child with a child to re-link",
+            true,
+            vec![m, m, m],
+            0,
+            true,
+            false,
+            false,
+        ))),
+        finish_only(sc(
+            "vhd finish-only, three levels, mixed block sizes",
+            false,
+            vec![2 * m, m / 2, m],
+            0,
+            false,
+            false,
+            false,
+        )),
+        finish_only(whole(sc(
+            "vhd finish-only, whole blocks over base data",
+            false,
+            vec![2 * m, m, 2 * m],
+            0,
+            false,
+            false,
+            false,
+        ))),
+        finish_only(cloned(sc(
+            "vhdx finish-only, cloned runs",
+            true,
+            vec![2 * m, m, m],
             0,
             false,
             false,
