@@ -184,6 +184,14 @@ run() {
         # default 1 GiB checkpoints cost.
         rm -rf "$r"; mkdir -p "$r"; cp --sparse=always --reflink=never "$d"/* "$r"/
         merge "$wl-nockpt" "$wl" "$r" --keep --checkpoint-every 1T
+        # The opt-in mode without before-images of overwritten data, where
+        # the child rewrites the base's data.
+        case $wl in
+            f|g|h)
+                rm -rf "$r"; mkdir -p "$r"; cp --sparse=always --reflink=never "$d"/* "$r"/
+                merge "$wl-fonly" "$wl" "$r" --keep --finish-only --json
+                cp "$W/$wl-fonly.last" "$W/$wl-fonly-report-$round.json" ;;
+        esac
     done
 }
 
@@ -351,4 +359,37 @@ for wl in $WORKLOADS; do
     n=$(awk '{print $1}' "$W/$wl-nockpt.times" | median)
     echo "| $wl | $k s | $n s | $(python3 -c "print(f'{$k / $n - 1:+.1%}')") |"
 done
+if ls "$W"/*-fonly.times > /dev/null 2>&1; then
+    echo
+    echo "Finish-only: \`merge --keep --finish-only\` (no before-images of overwritten data; an interrupted merge can only be finished):"
+    echo
+    echo "| workload | finish-only --keep (median) | ratio vs qemu-img commit | ratio vs plain copy | peak RSS | journal | first / last decile (last / first) |"
+    echo "|---|---|---|---|---|---|---|"
+    for wl in $WORKLOADS; do
+        [ -f "$W/$wl-fonly.times" ] || continue
+        python3 - "$wl" "$W" <<'PY'
+import glob, json, statistics, sys
+wl, w = sys.argv[1:]
+col = lambda name, i: statistics.median(float(l.split()[i]) for l in open(f"{w}/{wl}-{name}.times"))
+t, rss, copy = col("fonly", 0), col("fonly", 1), col("copy", 0)
+try:
+    q = col("qemu", 0)
+    vq = f"{t / q:.2f}"
+except FileNotFoundError:
+    vq = "-"
+size = int(open(f"{w}/{wl}.bytes").read())
+ratios, firsts, lasts = [], [], []
+for path in sorted(glob.glob(f"{w}/{wl}-fonly-report-*.json")):
+    r = json.load(open(path))
+    d = r["decile_seconds"]
+    spans = [b - a for a, b in zip([0.0] + d[:-1], d)]
+    if len(spans) == 10 and spans[0] > 0 and spans[-1] > 0:
+        firsts.append(size / 10 / spans[0] / 1e6)
+        lasts.append(size / 10 / spans[-1] / 1e6)
+        ratios.append(lasts[-1] / firsts[-1])
+med = lambda v: statistics.median(v) if v else float("nan")
+print(f"| {wl} | {t:.2f} s | {vq} | {t / copy:.2f} | {rss / 1024:.1f} MiB | {r['journal_bytes'] / 2**20:.1f} MiB | {med(firsts):.0f} / {med(lasts):.0f} MB/s ({med(ratios):.2f}) |")
+PY
+    done
+fi
 if [[ " $WORKLOADS " == *" r "* ]]; then echo; report_resume; fi

@@ -57,8 +57,13 @@ pub enum Error {
 
     /// A stop was requested (SIGINT/SIGTERM): the merge made a checkpoint
     /// and stopped there.
-    #[error("paused at {percent:.1} % — `vhdmerge recover {}` continues, `--rollback` undoes", ancestor.display())]
-    Paused { ancestor: PathBuf, percent: f64 },
+    #[error("paused at {percent:.1} % — `vhdmerge recover {}` continues it, {undo}", ancestor.display())]
+    Paused {
+        ancestor: PathBuf,
+        percent: f64,
+        /// What `--rollback` would do (`journal::state::undo_hint`).
+        undo: &'static str,
+    },
 
     #[error("{}: neither a VHDX (no file signature) nor a VHD (no 'conectix' footer at the end or at offset 0): not a disk image", path.display())]
     NotADiskImage { path: PathBuf },

@@ -213,3 +213,98 @@ fn a_resume_whose_sources_changed_rolls_back() {
     assert!(!vhdmerge::journal::path_for(&b).exists());
     let _ = folder_views(d.path());
 }
+
+/// A finish-only merge paused by a signal says it can only be finished;
+/// `recover --rollback` refuses without writing; `recover` finishes it.
+#[test]
+fn a_paused_finish_only_merge_can_only_be_finished() {
+    for vhdx in [true, false] {
+        let d = tempfile::tempdir().unwrap();
+        let (b, c) = chain(d.path(), vhdx);
+        let want = common::digest_of(&c);
+        let flag = d.path().join("paused");
+        let child = Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
+            .args(MERGE)
+            .arg("--finish-only")
+            .arg(&c)
+            .env("VHDMERGE_PAUSE_AT", F::AfterBatch(2).to_string())
+            .env("VHDMERGE_PAUSE_FILE", &flag)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for(&flag);
+        signal(child.id(), libc::SIGINT);
+        std::fs::remove_file(&flag).unwrap();
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(130), "{err}");
+        assert!(
+            err.contains("paused at") && err.contains("can only be finished"),
+            "{err}"
+        );
+        let before = folder_digests(d.path());
+        let o = vhdmerge(&["recover", "--rollback", b.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        assert!(
+            err.contains("--finish-only") && err.contains("only be finished"),
+            "{err}"
+        );
+        assert_eq!(
+            folder_digests(d.path()),
+            before,
+            "the refusal wrote nothing"
+        );
+        let o = vhdmerge(&["info", c.to_str().unwrap()]);
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(all.contains("finish-only"), "{all}");
+        let o = vhdmerge(&["recover", "--json", b.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(r["outcome"], "finished");
+        assert!(r["resumed_from"].as_u64().unwrap() > 0, "{r}");
+        assert!(!c.exists());
+        assert_eq!(common::digest_of(&b), want);
+    }
+}
+
+/// A finish-only merge whose merged file changed before the resume can
+/// neither resume nor roll back: `recover` says so and writes nothing;
+/// with the file put back, it finishes.
+#[test]
+fn a_finish_only_resume_whose_sources_changed_stops() {
+    let d = tempfile::tempdir().unwrap();
+    let (b, c) = chain(d.path(), true);
+    let want = common::digest_of(&c);
+    let o = Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
+        .args(MERGE)
+        .arg("--finish-only")
+        .arg(&c)
+        .env("VHDMERGE_FAIL_AT", F::AfterBatch(4).to_string())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let saved = std::fs::read(&c).unwrap();
+    // Another program writes to the child (a new DataWriteGuid).
+    let mut w = vhdmerge::disk::vhdx::VhdxDisk::open(&c, true).unwrap();
+    vhdmerge::disk::Layer::write(&mut w, 0, &[7u8; 4096]).unwrap();
+    vhdmerge::disk::Layer::close(&mut w).unwrap();
+    drop(w);
+    let before = folder_digests(d.path());
+    let o = vhdmerge(&["recover", b.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("--finish-only") && err.contains("Put the merged files back"),
+        "{err}"
+    );
+    assert_eq!(folder_digests(d.path()), before, "recover wrote nothing");
+    std::fs::write(&c, &saved).unwrap();
+    let o = vhdmerge(&["recover", b.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(common::digest_of(&b), want);
+}

@@ -59,9 +59,12 @@ fn pending_merges(paths: &[&Path]) -> Vec<String> {
         .iter()
         .map(|j| match vhdmerge::journal::load(j) {
             Ok(l) => format!(
-                "{} ({}); `vhdmerge recover` continues it, `--rollback` undoes it",
+                "{} ({}); `vhdmerge recover` continues it, {}",
                 vhdmerge::journal::state::summary(&l),
-                j.display()
+                j.display(),
+                vhdmerge::journal::state::undo_hint(vhdmerge::journal::state::finish_only(
+                    &l.records
+                ))
             ),
             Err(e) => format!("{}: unreadable journal: {e}", j.display()),
         })

@@ -55,6 +55,14 @@ pub fn finish_only(records: &[Record]) -> bool {
     records.iter().any(|r| matches!(r, Record::FinishOnly))
 }
 
+/// What a message says `recover --rollback` would do for a journal.
+pub fn undo_hint(finish_only: bool) -> &'static str {
+    match finish_only {
+        true => "it was started with --finish-only, so it can only be finished",
+        false => "`--rollback` undoes it",
+    }
+}
+
 /// The merge's Plan record (version 2 journals).
 pub fn plan(records: &[Record]) -> Option<&PlanRecord> {
     records.iter().find_map(|r| match r {

@@ -581,6 +581,7 @@ impl<'a> DurablePoints<'a> {
                 return Err(Error::Paused {
                     ancestor: tx.ancestor.clone(),
                     percent: percent(done, self.total),
+                    undo: tx.undo_hint(),
                 });
             }
         } else if self.since_commit >= opts.batch_bytes

@@ -39,13 +39,9 @@ pub fn refuse_pending(paths: &[&Path]) -> Result<()> {
     for p in paths {
         if let Some(j) = crate::transaction::pending_journal(p)? {
             let (what, undo) = match journal::load(&j) {
-                Ok(l) if journal::state::finish_only(&l.records) => (
-                    format!("an interrupted {}", journal::state::summary(&l)),
-                    "it cannot be undone",
-                ),
                 Ok(l) => (
                     format!("an interrupted {}", journal::state::summary(&l)),
-                    "`--rollback` undoes it",
+                    journal::state::undo_hint(journal::state::finish_only(&l.records)),
                 ),
                 Err(_) => ("an interrupted merge".into(), "`--rollback` undoes it"),
             };

@@ -157,6 +157,8 @@ pub struct JournalReport {
     pub bytes_done: Option<u64>,
     pub bytes_total: Option<u64>,
     pub summary: String,
+    /// `--rollback` is refused: the merge was started with --finish-only.
+    pub finish_only: bool,
     pub error: Option<String>,
 }
 
@@ -283,6 +285,7 @@ fn read_journal(path: &Path, index: usize, forest: &mut Forest) -> JournalReport
         bytes_done: None,
         bytes_total: None,
         summary: String::new(),
+        finish_only: false,
         error: None,
     };
     let loaded = match journal::load(path) {
@@ -294,6 +297,7 @@ fn read_journal(path: &Path, index: usize, forest: &mut Forest) -> JournalReport
         }
     };
     r.summary = journal::state::summary(&loaded);
+    r.finish_only = journal::state::finish_only(&loaded.records);
     let Some(journal::Record::Begin(b)) = loaded.records.first() else {
         return r;
     };
@@ -343,8 +347,9 @@ fn recover_step(j: &JournalReport) -> Option<Step> {
         estimate_seconds: 0.0,
         blocked_by: vec![],
         note: format!(
-            "{}; `--rollback` undoes it instead. Scan again afterwards: the files it names are left out of this plan",
-            j.summary
+            "{}; {}. Scan again afterwards: the files it names are left out of this plan",
+            j.summary,
+            journal::state::undo_hint(j.finish_only)
         ),
     })
 }

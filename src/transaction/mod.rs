@@ -155,6 +155,12 @@ impl Transaction {
         })
     }
 
+    /// What `recover --rollback` would do, for messages.
+    pub(crate) fn undo_hint(&self) -> &'static str {
+        let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        journal::state::undo_hint(j.finish_only())
+    }
+
     pub(crate) fn append_sync(&self, rec: &Record) -> Result<()> {
         let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
         j.append(rec);
