@@ -173,6 +173,15 @@ impl Sizing {
     }
 }
 
+impl Sizing {
+    /// A finish-only merge journals no overwritten data: the estimate
+    /// keeps only the metadata images and the redo records.
+    fn without_data_images(&mut self) {
+        let images = self.overwrite_bytes.next_multiple_of(4096) * 2;
+        self.journal_estimate = self.journal_estimate.saturating_sub(images);
+    }
+}
+
 /// Measures a merge into `chain.layers[ancestor]` (see `Sizing`).
 pub fn measure(chain: &Chain, ancestor: usize) -> Result<Sizing> {
     let a = chain.layers[ancestor].as_ref();
@@ -256,7 +265,15 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
     }
     preflight::check_writable(&writes, &folders)?;
     let cloning = opts.share && preflight::clones_possible(&chain, ancestor);
-    let plan = plan(&chain, ancestor, child, &relink, &siblings, cloning)?;
+    let plan = plan(
+        &chain,
+        ancestor,
+        child,
+        &relink,
+        &siblings,
+        cloning,
+        opts.finish_only,
+    )?;
     Ok(Prepared {
         chain,
         ancestor,
@@ -329,9 +346,13 @@ fn plan(
     relink: &[Dependent],
     siblings: &[Dependent],
     cloning: bool,
+    finish_only: bool,
 ) -> Result<Plan> {
     let a = chain.layers[ancestor].as_ref();
-    let size = measure(chain, ancestor)?;
+    let mut size = measure(chain, ancestor)?;
+    if finish_only {
+        size.without_data_images();
+    }
     let space_needed = match cloning {
         true => size.space_needed_cloning(),
         false => size.space_needed(preflight::sparse_files(a.path())),
@@ -404,6 +425,13 @@ mod tests {
         assert_eq!(s.overwrite_bytes, 1 << 20);
         assert_eq!((s.new_blocks, s.new_bytes, s.new_pages), (1, 4 << 20, 4096));
         assert!(s.journal_estimate >= 2 * s.overwrite_bytes);
+        // Finish-only: the same merge without images of the overwrites.
+        let mut f = measure(&c, 1).unwrap();
+        f.without_data_images();
+        assert_eq!(
+            f.journal_estimate,
+            s.journal_estimate - 2 * s.overwrite_bytes
+        );
         let mut walked = Vec::new();
         for_each_run(&c, 1, 0, |r| {
             walked.push((r.offset, r.len));
