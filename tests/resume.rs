@@ -68,16 +68,45 @@ const MERGE: [&str; 6] = [
     "4M",
 ];
 
-/// Starts the merge of `c` so that it waits at `at` while `flag` exists.
-fn merge_paused_at(c: &Path, at: F, flag: &Path) -> std::process::Child {
+/// Starts the merge of `c` (with `extra` options) so that it waits at
+/// `at` while `flag` exists.
+fn merge_paused_at(c: &Path, extra: &[&str], at: F, flag: &Path) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
         .args(MERGE)
+        .args(extra)
         .arg(c)
         .env("VHDMERGE_PAUSE_AT", at.to_string())
         .env("VHDMERGE_PAUSE_FILE", flag)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// Merges `c` with `extra` options, sends SIGINT once it reached the
+/// second batch and returns its stderr, checking it paused (exit 130).
+fn pause_by_signal(c: &Path, extra: &[&str], flag: &Path) -> String {
+    let child = merge_paused_at(c, extra, F::AfterBatch(2), flag);
+    wait_for(flag);
+    signal(child.id(), libc::SIGINT);
+    std::fs::remove_file(flag).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("paused at") && err.contains("vhdmerge recover"),
+        "{err}"
+    );
+    err
+}
+
+/// `recover --json` of `b`, which must resume and finish.
+fn resume_finishes(b: &Path) -> serde_json::Value {
+    let o = vhdmerge(&["recover", "--json", b.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["outcome"], "finished");
+    assert!(r["resumed_from"].as_u64().unwrap() > 0, "{r}");
+    r
 }
 
 fn signal(pid: u32, sig: i32) {
@@ -109,19 +138,8 @@ fn a_signal_pauses_at_a_checkpoint_and_recover_continues() {
         let (b, c) = chain(d.path(), vhdx);
         let want = common::digest_of(&c);
         let flag = d.path().join("paused");
-        let child = merge_paused_at(&c, F::AfterBatch(2), &flag);
-        wait_for(&flag);
-        signal(child.id(), libc::SIGINT);
-        std::fs::remove_file(&flag).unwrap();
-        let o = child.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(130), "{err}");
-        assert!(
-            err.contains("paused at")
-                && err.contains("vhdmerge recover")
-                && err.contains("--rollback"),
-            "{err}"
-        );
+        let err = pause_by_signal(&c, &[], &flag);
+        assert!(err.contains("--rollback"), "{err}");
         // `info` names it (on stderr when the changed ancestor identity
         // breaks the VHDX chain, beside the chain otherwise); `merge`
         // refuses and names it.
@@ -135,10 +153,7 @@ fn a_signal_pauses_at_a_checkpoint_and_recover_continues() {
             assert!(cmd == "info" || !o.status.success(), "{cmd}: {all}");
             assert!(all.contains("% durable"), "{cmd}: {all}");
         }
-        let o = vhdmerge(&["recover", "--json", b.to_str().unwrap()]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert_eq!(r["outcome"], "finished");
+        let r = resume_finishes(&b);
         let (from, left) = (
             r["resumed_from"].as_u64().unwrap(),
             r["remaining"].as_u64().unwrap(),
@@ -158,7 +173,7 @@ fn a_second_signal_stops_at_once() {
     let (b, c) = chain(d.path(), true);
     let want = common::digest_of(&c);
     let flag = d.path().join("paused");
-    let mut child = merge_paused_at(&c, F::AfterBatch(3), &flag);
+    let mut child = merge_paused_at(&c, &[], F::AfterBatch(3), &flag);
     wait_for(&flag);
     signal(child.id(), libc::SIGTERM);
     // Apart, or the kernel folds the two into one pending signal.
@@ -223,25 +238,8 @@ fn a_paused_finish_only_merge_can_only_be_finished() {
         let (b, c) = chain(d.path(), vhdx);
         let want = common::digest_of(&c);
         let flag = d.path().join("paused");
-        let child = Command::new(env!("CARGO_BIN_EXE_vhdmerge"))
-            .args(MERGE)
-            .arg("--finish-only")
-            .arg(&c)
-            .env("VHDMERGE_PAUSE_AT", F::AfterBatch(2).to_string())
-            .env("VHDMERGE_PAUSE_FILE", &flag)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_for(&flag);
-        signal(child.id(), libc::SIGINT);
-        std::fs::remove_file(&flag).unwrap();
-        let o = child.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(130), "{err}");
-        assert!(
-            err.contains("paused at") && err.contains("can only be finished"),
-            "{err}"
-        );
+        let err = pause_by_signal(&c, &["--finish-only"], &flag);
+        assert!(err.contains("can only be finished"), "{err}");
         let before = folder_digests(d.path());
         let o = vhdmerge(&["recover", "--rollback", b.to_str().unwrap()]);
         let err = String::from_utf8_lossy(&o.stderr);
@@ -262,11 +260,7 @@ fn a_paused_finish_only_merge_can_only_be_finished() {
             String::from_utf8_lossy(&o.stderr)
         );
         assert!(all.contains("finish-only"), "{all}");
-        let o = vhdmerge(&["recover", "--json", b.to_str().unwrap()]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert_eq!(r["outcome"], "finished");
-        assert!(r["resumed_from"].as_u64().unwrap() > 0, "{r}");
+        resume_finishes(&b);
         assert!(!c.exists());
         assert_eq!(common::digest_of(&b), want);
     }
