@@ -580,26 +580,23 @@ impl Src {
     }
 
     pub fn write(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
-        self.io.write_at(buf, offset).map_err(|e| {
-            Error::io(
-                &self.path,
-                format!("writing {what} ({} bytes at {offset:#x})", buf.len()),
-                e,
-            )
-        })
+        (self.io.write_at(buf, offset)).map_err(|e| self.write_error(e, what, buf.len(), offset))
+    }
+
+    fn write_error(&self, e: io::Error, what: &str, len: usize, offset: u64) -> Error {
+        Error::io(
+            &self.path,
+            format!("writing {what} ({len} bytes at {offset:#x})"),
+            e,
+        )
     }
 
     /// Writes a payload of guest data: bytes, or a run of another file
     /// shared or copied.
     pub fn put(&self, payload: crate::disk::Payload<'_>, offset: u64, what: &str) -> Result<()> {
         match payload {
-            crate::disk::Payload::Bytes(b) => self.io.write_data_at(b, offset).map_err(|e| {
-                Error::io(
-                    &self.path,
-                    format!("writing {what} ({} bytes at {offset:#x})", b.len()),
-                    e,
-                )
-            }),
+            crate::disk::Payload::Bytes(b) => (self.io.write_data_at(b, offset))
+                .map_err(|e| self.write_error(e, what, b.len(), offset)),
             crate::disk::Payload::File {
                 from,
                 offset: src,
