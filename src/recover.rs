@@ -173,20 +173,7 @@ pub fn recover_journal(
     let finish_only = journal::state::finish_only(&loaded.records);
     let action = decide(&state, finish_only, rollback);
     if action == Action::RefuseRollback {
-        let why = match state {
-            State::CleaningUp => {
-                "the merge had already committed and begun deleting the merged files"
-            }
-            _ => {
-                "the merge was started with --finish-only, so the ancestor's overwritten data has no before-images"
-            }
-        };
-        return Err(Error::WriteRefused {
-            path: jpath.to_path_buf(),
-            reason: format!(
-                "{why}; it can only be finished. Run `vhdmerge recover` without --rollback"
-            ),
-        });
+        return Err(rollback_refused(jpath, &state));
     }
     // Only finishing reads the merged files (to redo a lost copy); a
     // rollback never touches them, so one that another program changed
@@ -211,29 +198,24 @@ pub fn recover_journal(
         paths: &paths,
         records: &loaded.records,
     };
-    match action {
-        Action::Rollback { mark } => {
-            if mark {
-                mark_rollback(&writer)?;
-            }
-            rollback_all(jpath, &begin, &paths, &loaded.records)?
-        }
-        Action::Finish => pending.finish(&writer, &mut report)?,
-        Action::Resume => {
-            let mut tx = pending.transaction(writer, locks);
-            resume(
-                &mut tx,
-                &begin,
-                &loaded.records,
-                &state,
-                opts,
-                progress,
-                &mut report,
-            )?;
-        }
-        Action::RefuseRollback => unreachable!("refused above"),
-    }
+    pending.carry_out(action, &state, (writer, locks), opts, progress, &mut report)?;
     Ok(report)
+}
+
+/// Why `--rollback` is refused: cleanup began, or a finish-only merge.
+fn rollback_refused(jpath: &Path, state: &State) -> Error {
+    let why = match state {
+        State::CleaningUp => "the merge had already committed and begun deleting the merged files",
+        _ => {
+            "the merge was started with --finish-only, so the ancestor's overwritten data has no before-images"
+        }
+    };
+    Error::WriteRefused {
+        path: jpath.to_path_buf(),
+        reason: format!(
+            "{why}; it can only be finished. Run `vhdmerge recover` without --rollback"
+        ),
+    }
 }
 
 /// A journal being recovered: its Begin, the files it names (resolved
@@ -246,6 +228,40 @@ struct Pending<'a> {
 }
 
 impl Pending<'_> {
+    /// Rolls back, finishes or resumes, as `action` says.
+    fn carry_out(
+        &self,
+        action: Action,
+        state: &State,
+        (writer, locks): (Arc<Mutex<Writer>>, Locks),
+        opts: &MergeOptions,
+        progress: &mut dyn FnMut(u64, u64),
+        report: &mut RecoverReport,
+    ) -> Result<()> {
+        match action {
+            Action::Rollback { mark } => {
+                if mark {
+                    mark_rollback(&writer)?;
+                }
+                rollback_all(self.jpath, self.begin, self.paths, self.records)
+            }
+            Action::Finish => self.finish(&writer, report),
+            Action::Resume => {
+                let mut tx = self.transaction(writer, locks);
+                resume(
+                    &mut tx,
+                    self.begin,
+                    self.records,
+                    state,
+                    opts,
+                    progress,
+                    report,
+                )
+            }
+            Action::RefuseRollback => unreachable!("refused before the files were locked"),
+        }
+    }
+
     /// A committed merge: copies whose write was lost are made again,
     /// then the merged files and the journal go.
     fn finish(&self, writer: &Arc<Mutex<Writer>>, report: &mut RecoverReport) -> Result<()> {
