@@ -728,3 +728,72 @@ fn vhd_blocks_are_allocated_in_batches() {
         assert_eq!(qemu_digest("vpc", &base, d), want);
     }
 }
+
+/// A data write the disk loses (reported done, never carried out) is
+/// found by reading the runs back: behind the copy for a run before a
+/// checkpoint, after the commit for one after the last. Either way the
+/// merge is committed, says so, and `recover` copies the run again.
+#[test]
+fn lost_writes_are_found_by_reading_back() {
+    use vhdmerge::io::trace::{self, Fault, Op};
+    for (vhdx, finish_only) in [(true, false), (true, true), (false, false), (false, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let lv = |w: Vec<(u64, u64, u8)>| Level {
+            block_shift: 0,
+            writes: w,
+            zero_block: None,
+        };
+        let levels = [lv(vec![(0, 5 << 20, 1)]), lv(vec![(0, 12 << 20, 2)])];
+        let (paths, views) = build(dir.path(), vhdx, false, 16 << 20, &levels);
+        let opts = MergeOptions {
+            checkpoint_bytes: 2 << 20,
+            finish_only,
+            ..Default::default()
+        };
+        let base_name = paths[0].file_name().unwrap().to_owned();
+        // Which operations write the child's data (all 2s) into the
+        // ancestor (not the holes punched after the cleanup).
+        let record = tempfile::tempdir().unwrap();
+        copy_dir(dir.path(), record.path());
+        trace::start(record.path(), true, None, true);
+        let child = record.path().join(paths[1].file_name().unwrap());
+        let p = merge::prepare(&child, &opts).unwrap();
+        merge::execute(p, &opts, &mut |_, _| {}).unwrap();
+        let (ops, _) = trace::stop();
+        let data_writes: Vec<usize> = ops
+            .iter()
+            .enumerate()
+            .filter(|(_, op)| {
+                matches!(op, Op::Write { path, data, .. }
+                if path.ends_with(&base_name) && data.len() >= 256 << 10 && data[0] == 2)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        assert!(data_writes.len() >= 8, "{} data writes", data_writes.len());
+        for at in [data_writes[0], *data_writes.last().unwrap()] {
+            let work = tempfile::tempdir().unwrap();
+            copy_dir(dir.path(), work.path());
+            let (base, child) = (
+                work.path().join(&base_name),
+                work.path().join(paths[1].file_name().unwrap()),
+            );
+            trace::start(work.path(), false, Some((at, Fault::LostWrite)), true);
+            let p = merge::prepare(&child, &opts).unwrap();
+            let r = merge::execute(p, &opts, &mut |_, _| {});
+            trace::stop();
+            let e = r
+                .expect_err(&format!("a lost write (operation {at}) went unnoticed"))
+                .to_string();
+            assert!(
+                e.contains("do not read back") && e.contains("committed"),
+                "{e}"
+            );
+            vhdmerge::recover::recover(&base, false).unwrap();
+            assert_eq!(
+                read_all(&base),
+                views[1],
+                "vhdx {vhdx}, finish-only {finish_only}, op {at}"
+            );
+        }
+    }
+}

@@ -302,11 +302,14 @@ impl Storage for FileStorage {
         self.file.read_exact_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        traced!(trace::Op::Write {
+        #[cfg(feature = "testing")]
+        if !trace::carried_out(trace::Op::Write {
             path: self.path.clone(),
             offset,
             data: trace::capture(buf),
-        });
+        })? {
+            return Ok(());
+        }
         self.file.write_all_at(buf, offset)?;
         let unsent = self.unsent.fetch_add(buf.len() as u64, Ordering::Relaxed) + buf.len() as u64;
         if unsent >= WRITEBACK_EVERY && !skip_sync() {

@@ -59,6 +59,9 @@ pub enum Fault {
     EioPersistent,
     /// ENOSPC at the chosen operation and every one after it.
     NoSpace,
+    /// The chosen operation, a write, is reported done and not carried
+    /// out: the lost write of a faulty disk, which only reading back finds.
+    LostWrite,
 }
 
 struct State {
@@ -147,9 +150,14 @@ pub fn capture_with(
 }
 
 pub(crate) fn op(op: Op) -> io::Result<()> {
+    carried_out(op).map(|_| ())
+}
+
+/// Like `op`; false when the write is to be lost (`Fault::LostWrite`).
+pub(crate) fn carried_out(op: Op) -> io::Result<bool> {
     let mut guard = lock();
     let Some(s) = guard.as_mut() else {
-        return Ok(());
+        return Ok(true);
     };
     let p = op.path();
     let folder = match p.parent() {
@@ -168,7 +176,7 @@ pub(crate) fn op(op: Op) -> io::Result<()> {
         .join(p.file_name().unwrap_or_default())
         .starts_with(&s.root)
     {
-        return Ok(());
+        return Ok(true);
     }
     let index = s.count;
     s.count += 1;
@@ -176,7 +184,11 @@ pub(crate) fn op(op: Op) -> io::Result<()> {
         let hit = match fault {
             Fault::EioOnce => index == at,
             Fault::EioPersistent | Fault::NoSpace => index >= at,
+            Fault::LostWrite => index == at && matches!(op, Op::Write { .. }),
         };
+        if hit && fault == Fault::LostWrite {
+            return Ok(false);
+        }
         if hit {
             return Err(match fault {
                 Fault::NoSpace => io::Error::from_raw_os_error(28),
@@ -187,5 +199,5 @@ pub(crate) fn op(op: Op) -> io::Result<()> {
     if s.record {
         s.ops.push(op);
     }
-    Ok(())
+    Ok(true)
 }

@@ -14,8 +14,9 @@
 //! | stored pages read to be imaged | `IMAGE_READ` | `journal::storage` (reads of at most this) |
 //! | a run of zeros written over data | `ZERO_RUN` | `plan::for_each_run` (runs of at most this) |
 //!
-//! Verification after the commit reads through the same kind of pool,
-//! once the copy's buffers are gone.
+//! Verification behind the copy (verify.rs) reads through the copy's own
+//! pool, so it shares `READ_BUFFERS`; verification after the commit reads
+//! through a pool of the same size, once the copy's buffers are gone.
 
 /// Read buffers, all groups together. A group holds at most twice its
 /// data (a merged read kept whole is at least half data) plus one

@@ -11,6 +11,7 @@ mod plan;
 pub mod preflight;
 mod read;
 mod share;
+mod verify;
 
 pub use plan::{Plan, Prepared, Run, Sizing, for_each_run, measure, prepare};
 use plan::{ancestor_reads_zero, plan_digest};
@@ -35,7 +36,8 @@ use crate::io::FileStorage;
 use crate::journal::storage::Journaled;
 use crate::journal::{self, Begin, Record, Writer};
 use crate::transaction::{Transaction, begin_record};
-use read::{Buffers, GROUP_BYTES, Loaded, ReadGroup, read_groups, verify_group};
+use read::{Buffers, Loaded, ReadGroup, read_groups};
+use verify::{Behind, verify_behind, verify_runs};
 
 #[derive(Debug, Clone)]
 pub struct MergeOptions {
@@ -220,7 +222,7 @@ pub fn execute(
     // ancestor and what lies below it go (on a 64 TiB disk each open layer
     // holds a 16 MiB BAT).
     chain.layers.truncate(ancestor);
-    let applied = Apply {
+    let mut applied = Apply {
         chain: &chain,
         tx: &tx,
         opts,
@@ -229,14 +231,9 @@ pub fn execute(
     }
     .run(a, 0, 0, progress)?;
     drop(chain);
-    let verified = finish(&tx, &applied, expected)?;
-    Ok(Report::new(
-        plan,
-        verified,
-        expected,
-        started,
-        applied.deciles,
-    ))
+    let deciles = std::mem::take(&mut applied.deciles);
+    let verified = finish(&tx, applied, expected)?;
+    Ok(Report::new(plan, verified, expected, started, deciles))
 }
 
 /// What verification found after the commit.
@@ -300,7 +297,7 @@ impl PutRuns {
 
 /// After the last run: close the ancestor, re-link the children,
 /// commit, verify every copied run and clean up.
-fn finish(tx: &Transaction, applied: &Applied, expected: Option<blake3::Hash>) -> Result<Verified> {
+fn finish(tx: &Transaction, applied: Applied, expected: Option<blake3::Hash>) -> Result<Verified> {
     let (runs, sharing) = (&applied.runs, &applied.sharing);
     let ancestor = tx.ancestor.as_path();
     for (child, index) in &tx.relinked {
@@ -322,8 +319,12 @@ fn finish(tx: &Transaction, applied: &Applied, expected: Option<blake3::Hash>) -
         .bytes_written();
     // Prove it before the merged files go: every copied run reads back from
     // the ancestor with its BLAKE3 (and, with --verify full, the whole disk
-    // has the child's content digest). A failure leaves the journal for
-    // `recover`, which redoes the runs from the still-present sources.
+    // has the child's content digest); most were read back behind the copy
+    // (verify.rs). A failure leaves the journal for `recover`, which redoes
+    // the runs from the still-present sources.
+    if let Some(e) = applied.behind.failed {
+        return Err(e);
+    }
     let after = Chain::open(ancestor, &ChainOptions::default())?;
     verify_runs(&after, ancestor, &runs.copied)?;
     sharing.verify(&after, ancestor, &runs.shared)?;
@@ -351,7 +352,7 @@ fn finish(tx: &Transaction, applied: &Applied, expected: Option<blake3::Hash>) -
     release(ancestor, &applied.released)?;
     let counts = sharing.counts();
     Ok(Verified {
-        runs: (runs.copied.len() + runs.shared.len()) as u64,
+        runs: applied.behind.runs + (runs.copied.len() + runs.shared.len()) as u64,
         digest,
         journal_bytes,
         sharing: ShareCounts {
@@ -379,43 +380,6 @@ fn release(ancestor: &Path, ranges: &[(u64, u64)]) -> Result<()> {
     Ok(())
 }
 
-/// Re-reads every copied run from the ancestor's view and matches it to
-/// its BLAKE3, in groups of at most GROUP_BYTES (so memory stays bounded)
-/// checked on every core (each reads and hashes its own).
-fn verify_runs(after: &Chain, a_path: &Path, copied: &[Copied]) -> Result<()> {
-    let mut groups: Vec<&[Copied]> = Vec::new();
-    let (mut from, mut bytes) = (0usize, 0u64);
-    for (i, &(_, len, _)) in copied.iter().enumerate() {
-        if bytes > 0 && bytes + len > GROUP_BYTES {
-            groups.push(&copied[from..i]);
-            from = i;
-            bytes = 0;
-        }
-        bytes += len;
-    }
-    groups.push(&copied[from..]);
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    let buffers = Buffers::default();
-    std::thread::scope(|scope| -> Result<()> {
-        let handles: Vec<_> = (0..workers)
-            .map(|w| {
-                let (groups, buffers) = (&groups, &buffers);
-                scope.spawn(move || {
-                    groups
-                        .iter()
-                        .skip(w)
-                        .step_by(workers)
-                        .try_for_each(|chunk| verify_group(after, a_path, chunk, buffers))
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().expect("a verifier thread panicked")?;
-        }
-        Ok(())
-    })
-}
-
 /// The copy phase: runs read on a second thread, written into the
 /// ancestor through the journal, with commits and checkpoints.
 struct Apply<'a> {
@@ -437,6 +401,8 @@ struct Applied {
     deciles: Vec<f64>,
     /// The ancestor's blocks replaced out of place, free after the commit.
     released: Vec<(u64, u64)>,
+    /// Runs verified behind the copy (not in `runs` any more).
+    behind: verify::Verified,
 }
 
 impl Apply<'_> {
@@ -471,7 +437,8 @@ impl Apply<'_> {
         let buffers = Buffers::default();
         let mut apply_group = |g: ReadGroup,
                                a: &mut Box<dyn Layer>,
-                               runs: &mut PutRuns|
+                               runs: &mut PutRuns,
+                               behind: &mut Behind|
          -> Result<()> {
             for (r, loaded) in g.runs.iter().zip(&g.datas) {
                 let zeros = match loaded {
@@ -482,7 +449,9 @@ impl Apply<'_> {
                 let payload = runs.record(&tx.journal, r, loaded, &g.pieces, &zeros);
                 a.put(r.offset, payload)?;
                 done += r.len;
-                points.after_copy(a, r.offset + r.len, r.len, done)?;
+                if points.after_copy(a, r.offset + r.len, r.len, done)? {
+                    behind.hand_off(&mut runs.copied);
+                }
                 while next_decile <= 10 && done * 10 >= self.total * next_decile {
                     deciles.push(self.started.elapsed().as_secs_f64());
                     next_decile += 1;
@@ -492,16 +461,23 @@ impl Apply<'_> {
             drop(g);
             Ok(())
         };
-        std::thread::scope(|scope| -> Result<()> {
+        let busy = AtomicBool::new(false);
+        let behind = std::thread::scope(|scope| -> Result<verify::Verified> {
             let (send, rx) = std::sync::mpsc::sync_channel::<Result<ReadGroup>>(1);
             let (chain, buffers) = (self.chain, &buffers);
             let sharing = &sharing;
             scope.spawn(move || read_groups(chain, levels, from, sharing, buffers, &send));
-            // Returning early drops the receiver, which stops the reader.
+            let (jobs, todo) = std::sync::mpsc::channel();
+            let (a_path, busy) = (tx.ancestor.as_path(), &busy);
+            let verifier = scope.spawn(move || verify_behind(a_path, todo, buffers, busy));
+            let mut behind = Behind::new(a_path, jobs, busy);
+            // Returning early drops the receiver, which stops the reader,
+            // and the job sender, which ends the verifier.
             for g in rx {
-                apply_group(g?, &mut a, &mut runs)?;
+                apply_group(g?, &mut a, &mut runs, &mut behind)?;
             }
-            Ok(())
+            drop(behind);
+            Ok(verifier.join().expect("the verifying thread panicked"))
         })?;
         // The copy's buffers go before verification takes its own.
         drop(buffers);
@@ -519,6 +495,7 @@ impl Apply<'_> {
             sharing,
             deciles,
             released,
+            behind,
         })
     }
 }
@@ -561,15 +538,23 @@ impl<'a> DurablePoints<'a> {
     }
 
     /// After a run of `len` bytes ending at guest offset `end` was written
-    /// (`done` bytes in all): commit or checkpoint if one is due; a stop
-    /// request ends the copy at a checkpoint with `Paused`.
-    fn after_copy(&mut self, a: &mut Box<dyn Layer>, end: u64, len: u64, done: u64) -> Result<()> {
+    /// (`done` bytes in all): commit or checkpoint if one is due, and say
+    /// whether it checkpointed; a stop request ends the copy at a
+    /// checkpoint with `Paused`.
+    fn after_copy(
+        &mut self,
+        a: &mut Box<dyn Layer>,
+        end: u64,
+        len: u64,
+        done: u64,
+    ) -> Result<bool> {
         let (opts, tx) = (self.opts, self.tx);
         self.since_commit += len;
         self.since_checkpoint += len;
         let stop = opts.stop_requested();
         if self.since_checkpoint >= opts.checkpoint_bytes
             || self.last_checkpoint.elapsed().as_secs_f64() >= CHECKPOINT_SECONDS
+            || self.closing(done)
             || stop
         {
             tx.checkpoint(a, end, done)?;
@@ -584,6 +569,7 @@ impl<'a> DurablePoints<'a> {
                     undo: tx.undo_hint(),
                 });
             }
+            return Ok(true);
         } else if self.since_commit >= opts.batch_bytes
             || a.pending_metadata() >= MAX_PENDING_METADATA
         {
@@ -593,7 +579,19 @@ impl<'a> DurablePoints<'a> {
             self.batches += 1;
             batch_failpoints(self.batches);
         }
-        Ok(())
+        Ok(false)
+    }
+}
+
+impl DurablePoints<'_> {
+    /// One more checkpoint when an eighth of an interval is left to copy:
+    /// the runs after the last checkpoint are the ones verified after the
+    /// commit (verify.rs), so this keeps that wait short whatever the
+    /// interval, for the price of one checkpoint.
+    fn closing(&self, done: u64) -> bool {
+        let tail = self.opts.checkpoint_bytes / 8;
+        let left = self.total.saturating_sub(done);
+        left > 0 && left <= tail && self.since_checkpoint > tail
     }
 }
 
@@ -687,7 +685,8 @@ impl Resume<'_> {
         let mut applied = applied;
         applied.runs.copied.extend(self.copied_before);
         applied.runs.shared.extend(self.shared_before);
-        let verified = finish(self.tx, &applied, expected)?;
+        let deciles = std::mem::take(&mut applied.deciles);
+        let verified = finish(self.tx, applied, expected)?;
         let plan = Plan {
             child: self.tx.files.get(1).cloned().unwrap_or_default(),
             ancestor: a_path.clone(),
@@ -707,13 +706,7 @@ impl Resume<'_> {
             digest: [0; 32],
             cloning: verified.sharing.cloned_bytes > 0,
         };
-        Ok(Report::new(
-            plan,
-            verified,
-            expected,
-            started,
-            applied.deciles,
-        ))
+        Ok(Report::new(plan, verified, expected, started, deciles))
     }
 }
 
