@@ -18,7 +18,11 @@ WORKLOADS=${*:-a b c d e f g h r}
 rm -rf "$W"; mkdir -p "$W"
 GiB=$((1 << 30)); MiB=$((1 << 20))
 
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
+# Before every timed command: the page cache dropped, and two seconds for
+# the disk to settle (a file system mounted with `discard` trims the blocks
+# of the files just removed behind the sync: work no timed command should
+# pay for).
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; sleep 2; }
 # Used bytes of the file system holding $W, once settled (XFS frees the
 # blocks of deleted files in the background).
 used() {
