@@ -13,10 +13,10 @@
 //! | BAT and bitmap pages changed since the last commit | `METADATA` | `DurablePoints::after_copy` (an early commit) |
 //! | stored pages read to be imaged | `IMAGE_READ` | `journal::storage` (reads of at most this) |
 //! | a run of zeros written over data | `ZERO_RUN` | `plan::for_each_run` (runs of at most this) |
+//! | runs read back behind the copy | `VERIFY_BEHIND` | `verify::verify_behind` (one buffer, each run read through it in pieces) |
 //!
-//! Verification behind the copy (verify.rs) reads through the copy's own
-//! pool, so it shares `READ_BUFFERS`; verification after the commit reads
-//! through a pool of the same size, once the copy's buffers are gone.
+//! Verification after the commit reads through a pool of `READ_BUFFERS`,
+//! once the copy's buffers are gone.
 
 /// Read buffers, all groups together. A group holds at most twice its
 /// data (a merged read kept whole is at least half data) plus one
@@ -32,11 +32,14 @@ pub(crate) const JOURNAL_PENDING: usize = crate::journal::SPILL_BYTES + (64 << 1
 pub(crate) const METADATA: usize = super::MAX_PENDING_METADATA as usize + (64 << 10);
 pub(crate) const IMAGE_READ: usize = crate::journal::storage::IMAGE_READ as usize;
 pub(crate) const ZERO_RUN: usize = super::plan::PIECE as usize;
+/// Pieces of page-cached data: large enough that a read costs little more
+/// than its copy.
+pub(crate) const VERIFY_BEHIND: usize = 512 << 10;
 
 /// All of the above. With the program itself (code, stacks, allocator:
 /// about 8 MiB) a merge stays within 64 MiB plus the BATs.
 pub(crate) const TOTAL: usize =
-    READ_BUFFERS + HELD + JOURNAL_PENDING + METADATA + IMAGE_READ + ZERO_RUN;
+    READ_BUFFERS + HELD + JOURNAL_PENDING + METADATA + IMAGE_READ + ZERO_RUN + VERIFY_BEHIND;
 
 // Checked when the program is built.
 const _: () = assert!(

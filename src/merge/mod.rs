@@ -469,7 +469,7 @@ impl Apply<'_> {
             scope.spawn(move || read_groups(chain, levels, from, sharing, buffers, &send));
             let (jobs, todo) = std::sync::mpsc::channel();
             let (a_path, busy) = (tx.ancestor.as_path(), &busy);
-            let verifier = scope.spawn(move || verify_behind(a_path, todo, buffers, busy));
+            let verifier = scope.spawn(move || verify_behind(a_path, todo, busy));
             let mut behind = Behind::new(a_path, jobs, busy);
             // Returning early drops the receiver, which stops the reader,
             // and the job sender, which ends the verifier.

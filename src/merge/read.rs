@@ -66,14 +66,7 @@ pub(super) fn verify_group(
             }
         }
         if *hasher.finalize().as_bytes() != hash {
-            return Err(Error::corrupt(
-                a_path,
-                "merged data",
-                offset,
-                format!(
-                    "the {len} bytes copied here do not read back; the merge is committed but unverified: run `vhdmerge recover`"
-                ),
-            ));
+            return Err(super::verify::mismatch(a_path, offset, len));
         }
     }
     drop(pieces);

@@ -26,8 +26,8 @@ use std::sync::mpsc::{Receiver, Sender};
 
 use super::Copied;
 use super::read::{Buffers, GROUP_BYTES, verify_group};
-use crate::disk::{Chain, ChainOptions};
-use crate::error::Result;
+use crate::disk::{Chain, ChainOptions, Extent};
+use crate::error::{Error, Result};
 
 /// Re-reads every copied run from the ancestor's view and matches it to
 /// its BLAKE3, in groups of at most GROUP_BYTES (so memory stays bounded)
@@ -132,23 +132,20 @@ pub(super) struct Verified {
     pub(super) failed: Option<crate::error::Error>,
 }
 
-/// The verifying thread: runs each job's groups one after the other (the
-/// copy has the other core), with the copy's buffer pool, so that the
-/// merge's read memory keeps its one bound.
-pub(super) fn verify_behind(
-    a_path: &Path,
-    jobs: Receiver<Job>,
-    buffers: &Buffers,
-    busy: &AtomicBool,
-) -> Verified {
+/// The verifying thread: reads each job's runs back one after the other
+/// through one buffer of `memory::VERIFY_BEHIND` bytes, allocated once
+/// (the copy has the other core, and the data is in the page cache).
+pub(super) fn verify_behind(a_path: &Path, jobs: Receiver<Job>, busy: &AtomicBool) -> Verified {
     let mut done = Verified {
         runs: 0,
         failed: None,
     };
+    let mut buf = vec![0u8; super::memory::VERIFY_BEHIND];
     for job in jobs {
-        let checked = groups(&job.runs)
-            .into_iter()
-            .try_for_each(|chunk| verify_group(&job.view, a_path, chunk, buffers));
+        let checked = job
+            .runs
+            .iter()
+            .try_for_each(|run| check_run(&job.view, a_path, run, &mut buf));
         match checked {
             Ok(()) => done.runs += job.runs.len() as u64,
             Err(e) => {
@@ -160,4 +157,39 @@ pub(super) fn verify_behind(
         busy.store(false, Ordering::Release);
     }
     done
+}
+
+/// Reads one run back through `view`, `buf` at a time, and matches it to
+/// its BLAKE3. What the view does not map to data reads as zeros.
+fn check_run(view: &Chain, a_path: &Path, run: &Copied, buf: &mut [u8]) -> Result<()> {
+    let &(offset, len, hash) = run;
+    let mut hasher = blake3::Hasher::new();
+    let mut pos = offset;
+    while pos < offset + len {
+        let (level, ext, n) = view.resolve(0, pos, offset + len - pos)?;
+        let n = n.min(buf.len() as u64) as usize;
+        let piece = &mut buf[..n];
+        match ext {
+            Extent::Data(fo) => view.layers[level].read_data(fo, piece)?,
+            _ => piece.fill(0),
+        }
+        hasher.update(piece);
+        pos += piece.len() as u64;
+    }
+    match *hasher.finalize().as_bytes() == hash {
+        true => Ok(()),
+        false => Err(mismatch(a_path, offset, len)),
+    }
+}
+
+/// A copied run that does not read back with its BLAKE3.
+pub(super) fn mismatch(a_path: &Path, offset: u64, len: u64) -> Error {
+    Error::corrupt(
+        a_path,
+        "merged data",
+        offset,
+        format!(
+            "the {len} bytes copied here do not read back; the merge is committed but unverified: run `vhdmerge recover`"
+        ),
+    )
 }
