@@ -32,8 +32,8 @@ pub struct VhdDisk {
     bat: Vec<u32>,
     size: u64,
     warnings: Vec<Warning>,
-    /// One cached block bitmap: (block, bytes).
-    bitmap_cache: Mutex<Option<(u64, Vec<u8>)>>,
+    /// The last block bitmap read, and how far ahead bitmaps are announced.
+    bitmap_cache: Mutex<BitmapCache>,
     /// Where the next new block goes, while space before the footer is
     /// reserved for new blocks (between here and `footer_offset`).
     free_at: Option<u64>,
@@ -51,6 +51,20 @@ pub struct VhdDisk {
 /// blocks instead of per block. The unused part is given back (the footer
 /// moved back) at each commit.
 const RESERVE_BLOCKS: u64 = 64;
+
+/// Bitmaps announced at a time (`io::will_need`), in guest order, when a
+/// walk moves forward past the ones announced before: a walk over a whole
+/// disk (a merge's plan, a hash) reads one 512-byte bitmap per block, 2 MiB
+/// apart in the file, and read one at a time each waits for the disk.
+const BITMAP_READ_AHEAD: u64 = 256;
+
+#[derive(Default)]
+struct BitmapCache {
+    /// One block's bitmap: (block, bytes).
+    last: Option<(u64, Vec<u8>)>,
+    /// Where the window of announced bitmaps ends.
+    announced_to: u64,
+}
 
 impl VhdDisk {
     pub fn open(path: &Path, writable: bool) -> Result<VhdDisk> {
@@ -73,7 +87,7 @@ impl VhdDisk {
             bat: Vec::new(),
             size,
             warnings,
-            bitmap_cache: Mutex::new(None),
+            bitmap_cache: Mutex::new(BitmapCache::default()),
             free_at: None,
             dirty_bitmaps: BTreeMap::new(),
             dirty_bat: BTreeSet::new(),
@@ -259,10 +273,15 @@ impl VhdDisk {
             return Ok(b.clone());
         }
         let mut cache = self.bitmap_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((b, bytes)) = cache.as_ref()
+        if let Some((b, bytes)) = cache.last.as_ref()
             && *b == block
         {
             return Ok(bytes.clone());
+        }
+        // Outside the window announced last (past it, or a walk that
+        // started over): announce the next one.
+        if block >= cache.announced_to || block + BITMAP_READ_AHEAD < cache.announced_to {
+            cache.announced_to = self.announce_bitmaps(block + 1);
         }
         let at = u64::from(self.bat[block as usize]) * SECTOR;
         let v = self.src.read_vec(
@@ -270,8 +289,24 @@ impl VhdDisk {
             at,
             "a block bitmap",
         )?;
-        *cache = Some((block, v.clone()));
+        cache.last = Some((block, v.clone()));
         Ok(v)
+    }
+
+    /// Announces the bitmaps of the allocated blocks among the next
+    /// `BITMAP_READ_AHEAD` from `from` on; returns where that window ends.
+    fn announce_bitmaps(&self, from: u64) -> u64 {
+        let end = (from + BITMAP_READ_AHEAD).min(self.bat.len() as u64);
+        if let Some(fd) = self.src.io.fd() {
+            let bytes = self.dyn_header().bitmap_bytes();
+            for block in from..end {
+                match self.bat[block as usize] {
+                    fv::UNALLOCATED => {}
+                    e => crate::io::will_need(fd, u64::from(e) * SECTOR, bytes),
+                }
+            }
+        }
+        end
     }
 
     fn is_differencing(&self) -> bool {
@@ -384,7 +419,10 @@ impl VhdDisk {
         for (block, bitmap) in std::mem::take(&mut self.dirty_bitmaps) {
             let at = u64::from(self.bat[block as usize]) * SECTOR;
             self.src.write(&bitmap, at, "a block bitmap")?;
-            *self.bitmap_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((block, bitmap));
+            self.bitmap_cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .last = Some((block, bitmap));
         }
         let trim = self.free_at.take().filter(|&f| f < self.footer_offset);
         if let Some(end) = trim {
