@@ -6,7 +6,8 @@
 # a child that rewrites data a full base already holds. Usage:
 #   bench/run.sh [a b c d e f g h r]    (default: all workloads)
 # Environment: BENCH_DIR (scratch folder, default /tmp/vhdmerge-bench),
-# ROUNDS (default 3). Prints a Markdown report on stdout.
+# ROUNDS (default 3), PREFAULT_GIB (default 8, see drop_caches). Prints a
+# Markdown report on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q --bin vhdmerge --example bench_fill
@@ -18,11 +19,29 @@ WORKLOADS=${*:-a b c d e f g h r}
 rm -rf "$W"; mkdir -p "$W"
 GiB=$((1 << 30)); MiB=$((1 << 20))
 
-# Before every timed command: the page cache dropped, and two seconds for
-# the disk to settle (a file system mounted with `discard` trims the blocks
-# of the files just removed behind the sync: work no timed command should
-# pay for).
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; sleep 2; }
+# Before every timed command: the page cache dropped, two seconds for the
+# disk to settle (a file system mounted with `discard` trims the blocks of
+# the files just removed behind the sync: work no timed command should pay
+# for), then PREFAULT_GIB (default 8) of memory touched and freed. In a
+# virtual machine whose balloon reports free pages to the host, memory left
+# free for about two seconds is handed back, and the next command to use
+# it (as page cache) waits for the host to back every page again: on this
+# project's machines that doubled a merge's time, or not, depending on the
+# seconds before it. Touched just before, the memory every timed command
+# gets is alike.
+PREFAULT_GIB=${PREFAULT_GIB:-8}
+drop_caches() {
+    sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; sleep 2
+    [ "$PREFAULT_GIB" -gt 0 ] && python3 - "$PREFAULT_GIB" <<'PY'
+import mmap, sys
+n = int(sys.argv[1]) << 30
+m = mmap.mmap(-1, n)
+for at in range(0, n, 1 << 20):
+    m[at:at + (1 << 20)] = b"\1" * (1 << 20)
+m.close()
+PY
+    return 0
+}
 # Used bytes of the file system holding $W, once settled (XFS frees the
 # blocks of deleted files in the background).
 used() {
