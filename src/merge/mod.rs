@@ -371,13 +371,25 @@ fn release(ancestor: &Path, ranges: &[(u64, u64)]) -> Result<()> {
         return Ok(());
     }
     let file = FileStorage::open(ancestor, true)?;
-    for &(offset, len) in ranges {
+    for (offset, len) in ranges.iter().filter_map(|&(o, n)| whole_pages(o, n)) {
         file.punch_hole(offset, len).map_err(|e| {
             let doing = "freeing replaced blocks (the merge is complete; their space stays in use)";
             Error::io(ancestor, doing, e)
         })?;
     }
     Ok(())
+}
+
+/// The 4 KiB pages wholly inside [offset, offset + len), if any. A punch
+/// that starts or ends inside a file-system block makes the file system
+/// read that block to zero part of it (ext4: one synchronous read per
+/// range, for no space back); a VHD block's range starts at its 512-byte
+/// bitmap, just before its page-aligned data.
+fn whole_pages(offset: u64, len: u64) -> Option<(u64, u64)> {
+    const PAGE: u64 = 4096;
+    let start = offset.div_ceil(PAGE) * PAGE;
+    let end = (offset + len) / PAGE * PAGE;
+    (end > start).then(|| (start, end - start))
 }
 
 /// The copy phase: runs read on a second thread, written into the
@@ -757,5 +769,20 @@ pub fn relink_child(
             parent: ancestor.to_path_buf(),
             detail: "cannot re-link across formats".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_pages;
+
+    #[test]
+    fn punches_only_whole_pages() {
+        // A VHD block's range: its bitmap sector, then 2 MiB of aligned data.
+        assert_eq!(whole_pages(0x205E00, 0x200200), Some((0x206000, 0x200000)));
+        assert_eq!(whole_pages(4096, 8192), Some((4096, 8192)));
+        assert_eq!(whole_pages(100, 4000), None);
+        assert_eq!(whole_pages(4000, 4100), None);
+        assert_eq!(whole_pages(4000, 8288), Some((4096, 8192)));
     }
 }
