@@ -596,16 +596,27 @@ impl<'a> DurablePoints<'a> {
 }
 
 impl DurablePoints<'_> {
-    /// One more checkpoint when an eighth of an interval is left to copy:
-    /// the runs after the last checkpoint are the ones verified after the
-    /// commit (verify.rs), so this keeps that wait short whatever the
-    /// interval, for the price of one checkpoint.
+    /// Checkpoints near the end, so that the verification behind the copy
+    /// ends with it. The runs since the last checkpoint go to the
+    /// verifying thread (verify.rs), which reads them from the page cache
+    /// about `VERIFY_PACE` times as fast as the copy writes: handed off
+    /// when a `VERIFY_PACE`th of their size is left to copy, they are done
+    /// about when the copy is. That happens a few times at most (what is
+    /// left shrinks fivefold each time; twice with the default interval),
+    /// and not for jobs too small to be worth a checkpoint's flush: their
+    /// runs are verified after the commit.
     fn closing(&self, done: u64) -> bool {
-        let tail = self.opts.checkpoint_bytes / 8;
+        let min_job = (self.opts.checkpoint_bytes / 8).min(MIN_CLOSING_JOB);
         let left = self.total.saturating_sub(done);
-        left > 0 && left <= tail && self.since_checkpoint > tail
+        left > 0 && self.since_checkpoint >= min_job && left * VERIFY_PACE <= self.since_checkpoint
     }
 }
+
+/// How much faster the verifying thread reads back than the copy writes,
+/// at least (4.5-5x on this project's machines, BENCHMARKS.md session 19).
+const VERIFY_PACE: u64 = 4;
+/// The smallest job a closing checkpoint is made for.
+const MIN_CLOSING_JOB: u64 = 64 << 20;
 
 /// `mid-apply` after the first commit of a copy phase, `after-batch-N`
 /// after the Nth (a commit or a checkpoint).
