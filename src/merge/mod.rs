@@ -382,9 +382,9 @@ fn release(ancestor: &Path, ranges: &[(u64, u64)]) -> Result<()> {
 
 /// The 4 KiB pages wholly inside [offset, offset + len), if any. A punch
 /// that starts or ends inside a file-system block makes the file system
-/// read that block to zero part of it (ext4: one synchronous read per
-/// range, for no space back); a VHD block's range starts at its 512-byte
-/// bitmap, just before its page-aligned data.
+/// zero part of that block, reading it first when it is not cached (ext4:
+/// a synchronous read per range, for no space back); a VHD block's range
+/// starts at its 512-byte bitmap, just before its page-aligned data.
 fn whole_pages(offset: u64, len: u64) -> Option<(u64, u64)> {
     const PAGE: u64 = 4096;
     let start = offset.div_ceil(PAGE) * PAGE;

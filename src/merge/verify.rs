@@ -163,9 +163,9 @@ pub(super) fn verify_behind(a_path: &Path, jobs: Receiver<Job>, busy: &AtomicBoo
 /// Gives this thread the lowest CPU priority. The copy is the merge's
 /// critical path, and this thread only has to be done by the commit: so it
 /// takes the time the copy leaves idle (waiting on the disk) instead of an
-/// even share. With an even share on two cores, the copy stalled for most
-/// of each job (BENCHMARKS.md, session 19). Linux sets a nice value per
-/// thread; a refusal costs only speed.
+/// even share, which on two cores can stall the copy while a job runs
+/// (BENCHMARKS.md, session 19). Linux sets a nice value per thread; a
+/// refusal costs only speed.
 fn yield_to_the_copy() {
     let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
 }
