@@ -136,7 +136,6 @@ pub(super) struct Verified {
 /// through one buffer of `memory::VERIFY_BEHIND` bytes, allocated once
 /// (the copy has the other core, and the data is in the page cache).
 pub(super) fn verify_behind(a_path: &Path, jobs: Receiver<Job>, busy: &AtomicBool) -> Verified {
-    yield_to_the_copy();
     let mut done = Verified {
         runs: 0,
         failed: None,
@@ -158,16 +157,6 @@ pub(super) fn verify_behind(a_path: &Path, jobs: Receiver<Job>, busy: &AtomicBoo
         busy.store(false, Ordering::Release);
     }
     done
-}
-
-/// Gives this thread the lowest CPU priority. The copy is the merge's
-/// critical path, and this thread only has to be done by the commit: so it
-/// takes the time the copy leaves idle (waiting on the disk) instead of an
-/// even share, which on two cores can stall the copy while a job runs
-/// (BENCHMARKS.md, session 19). Linux sets a nice value per thread; a
-/// refusal costs only speed.
-fn yield_to_the_copy() {
-    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
 }
 
 /// Reads one run back through `view`, `buf` at a time, and matches it to
@@ -203,24 +192,4 @@ pub(super) fn mismatch(a_path: &Path, offset: u64, len: u64) -> Error {
             "the {len} bytes copied here do not read back; the merge is committed but unverified: run `vhdmerge recover`"
         ),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use rustix::process::getpriority_process;
-    use rustix::thread::gettid;
-
-    /// Only the verifying thread yields: the copy keeps its priority.
-    #[test]
-    fn only_the_verifying_thread_yields() {
-        let copy = getpriority_process(Some(gettid())).unwrap();
-        let verifier = std::thread::spawn(|| {
-            super::yield_to_the_copy();
-            getpriority_process(Some(gettid())).unwrap()
-        })
-        .join()
-        .unwrap();
-        assert_eq!(verifier, 19);
-        assert_eq!(getpriority_process(Some(gettid())).unwrap(), copy);
-    }
 }
