@@ -34,6 +34,34 @@ def partial_runs(bitmap, start_idx, length):
     return [tuple(r) for r in runs]
 
 
+def split_reads(read_sectors):
+    """Wraps dissect's VHDX.read_sectors so that each call it makes stays
+    inside one block and, when it starts inside a sector-bitmap byte, ends
+    at that byte's last sector.
+
+    dissect 3.21 reads ceil(count / 8) bitmap bytes from the byte holding
+    the first sector, one byte short when the run starts at bit b > 0 and
+    b + count reaches past those bytes (sectors 3..10 need bits 3..10, two
+    bytes; it reads one). Parent reads start wherever a child's run of
+    absent sectors starts, so they hit it. It also takes min(count, sectors per
+    block) sectors from the first block without stopping at the block's
+    end. The pieces below are reads dissect handles as it is.
+    """
+
+    def wrapped(self, sector, count):
+        parts = []
+        while count > 0:
+            n = min(count, self._sectors_per_block - sector % self._sectors_per_block)
+            if sector % 8:
+                n = min(n, 8 - sector % 8)
+            parts.append(read_sectors(self, sector, n))
+            sector += n
+            count -= n
+        return b"".join(parts)
+
+    return wrapped
+
+
 def open_dissect(top):
     if top.lower().endswith((".vhd", ".avhd")):
         from dissect.hypervisor.disk.vhd import VHD
@@ -44,6 +72,7 @@ def open_dissect(top):
         from dissect.hypervisor.disk.vhdx import VHDX
 
         vhdx._iter_partial_runs = partial_runs
+        VHDX.read_sectors = split_reads(VHDX.read_sectors)
         d = VHDX(Path(top))
     size = d.size
 
@@ -81,8 +110,6 @@ def main():
         size, read = open_libvhdi(top, parents)
     else:
         sys.exit(f"unknown reader {reader}")
-    # dissect returned short reads for some multi-megabyte reads that span
-    # levels with different block sizes; 64 KiB reads are exact.
     step = 64 << 10
     with open(out, "wb") as o:
         o.truncate(size)
