@@ -425,13 +425,11 @@ impl Apply<'_> {
         &self,
         mut a: Box<dyn Layer>,
         from: u64,
-        mut done: u64,
+        done: u64,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Applied> {
-        let (opts, tx) = (self.opts, self.tx);
-        let levels = self.chain.layers.len();
-        let mut points = DurablePoints::new(opts, tx, self.total);
-        let sharing = Sharing::new(self.chain, &tx.ancestor, opts.share)?;
+        let tx = self.tx;
+        let sharing = Sharing::new(self.chain, &tx.ancestor, self.opts.share)?;
         if sharing.any_active() {
             // Before-images of large runs are cloned too (journal/images.rs).
             tx.journal
@@ -439,44 +437,23 @@ impl Apply<'_> {
                 .unwrap_or_else(|e| e.into_inner())
                 .enable_images();
         }
-        let mut runs = PutRuns::default();
-        let mut deciles: Vec<f64> = Vec::new();
-        let mut next_decile = 1u64;
+        let mut copier = Copier {
+            points: DurablePoints::new(self.opts, tx, self.total),
+            runs: PutRuns::default(),
+            done,
+            started: self.started,
+            deciles: Vec::new(),
+            progress,
+        };
         // A reader thread walks the runs, reads them in groups of up to 8 MiB
         // (so that their source reads can be merged, see read_pieces) and
         // hashes them, while this thread journals and writes the group before:
         // reading, hashing and writing overlap. At most one read group waits.
         let buffers = Buffers::default();
-        let mut apply_group = |g: ReadGroup,
-                               a: &mut Box<dyn Layer>,
-                               runs: &mut PutRuns,
-                               behind: &mut Behind|
-         -> Result<()> {
-            for (r, loaded) in g.runs.iter().zip(&g.datas) {
-                let zeros = match loaded {
-                    Loaded::Zeros if ancestor_reads_zero(a.as_ref(), r.offset, r.len)? => continue,
-                    Loaded::Zeros => vec![0u8; r.len as usize],
-                    _ => Vec::new(),
-                };
-                let payload = runs.record(&tx.journal, r, loaded, &g.pieces, &zeros);
-                a.put(r.offset, payload)?;
-                done += r.len;
-                if points.after_copy(a, r.offset + r.len, r.len, done)? {
-                    behind.hand_off(&mut runs.copied);
-                }
-                while next_decile <= 10 && done * 10 >= self.total * next_decile {
-                    deciles.push(self.started.elapsed().as_secs_f64());
-                    next_decile += 1;
-                }
-                progress(done, self.total);
-            }
-            drop(g);
-            Ok(())
-        };
         let busy = AtomicBool::new(false);
         let behind = std::thread::scope(|scope| -> Result<verify::Verified> {
             let (send, rx) = std::sync::mpsc::sync_channel::<Result<ReadGroup>>(1);
-            let (chain, buffers) = (self.chain, &buffers);
+            let (chain, levels, buffers) = (self.chain, self.chain.layers.len(), &buffers);
             let sharing = &sharing;
             scope.spawn(move || read_groups(chain, levels, from, sharing, buffers, &send));
             let (jobs, todo) = std::sync::mpsc::channel();
@@ -486,29 +463,86 @@ impl Apply<'_> {
             // Returning early drops the receiver, which stops the reader,
             // and the job sender, which ends the verifier.
             for g in rx {
-                apply_group(g?, &mut a, &mut runs, &mut behind)?;
+                copier.apply(g?, &mut a, &mut behind)?;
             }
             drop(behind);
             Ok(verifier.join().expect("the verifying thread panicked"))
         })?;
         // The copy's buffers go before verification takes its own.
         drop(buffers);
+        let released = self.close(a, copier.done)?;
+        Ok(Applied {
+            runs: copier.runs,
+            sharing,
+            deciles: copier.deciles,
+            released,
+            behind,
+        })
+    }
+
+    /// Commits and closes the ancestor and records that every run is
+    /// durable; returns the ranges it replaced out of place.
+    fn close(&self, mut a: Box<dyn Layer>, done: u64) -> Result<Vec<(u64, u64)>> {
+        let tx = self.tx;
         tx.locks.check_unchanged(&[tx.ancestor.as_path()])?;
         a.commit()?;
         failpoint(Failpoint::BeforeClose);
         a.close()?;
         let released = a.released();
         drop(a);
-        // Every run is durable: a crash while re-linking resumes here.
+        // A crash while re-linking resumes here.
         tx.append_checkpoint(self.chain.virtual_size(), done)?;
         failpoint(Failpoint::AfterApply);
-        Ok(Applied {
-            runs,
-            sharing,
-            deciles,
-            released,
-            behind,
-        })
+        Ok(released)
+    }
+}
+
+/// The apply loop's state: what was written, and when to make it durable.
+struct Copier<'a, 'p> {
+    /// Also holds the transaction and the bytes to copy in all.
+    points: DurablePoints<'a>,
+    runs: PutRuns,
+    /// Guest bytes copied so far.
+    done: u64,
+    started: Instant,
+    /// Seconds from the start at which each tenth of the bytes was copied.
+    deciles: Vec<f64>,
+    progress: &'p mut dyn FnMut(u64, u64),
+}
+
+impl Copier<'_, '_> {
+    /// Journals and writes one read group's runs into the ancestor,
+    /// committing and checkpointing as they fall due.
+    fn apply(&mut self, g: ReadGroup, a: &mut Box<dyn Layer>, behind: &mut Behind) -> Result<()> {
+        for (r, loaded) in g.runs.iter().zip(&g.datas) {
+            let zeros = match loaded {
+                Loaded::Zeros if ancestor_reads_zero(a.as_ref(), r.offset, r.len)? => continue,
+                Loaded::Zeros => vec![0u8; r.len as usize],
+                _ => Vec::new(),
+            };
+            let payload = self
+                .runs
+                .record(&self.points.tx.journal, r, loaded, &g.pieces, &zeros);
+            a.put(r.offset, payload)?;
+            self.done += r.len;
+            if self
+                .points
+                .after_copy(a, r.offset + r.len, r.len, self.done)?
+            {
+                behind.hand_off(&mut self.runs.copied);
+            }
+            self.count();
+        }
+        Ok(())
+    }
+
+    /// Records the deciles passed and reports progress.
+    fn count(&mut self) {
+        let total = self.points.total;
+        while self.deciles.len() < 10 && self.done * 10 >= total * (self.deciles.len() as u64 + 1) {
+            self.deciles.push(self.started.elapsed().as_secs_f64());
+        }
+        (self.progress)(self.done, total);
     }
 }
 
