@@ -231,7 +231,7 @@ impl VhdDisk {
             if e == fv::UNALLOCATED {
                 continue;
             }
-            let at = u64::from(e) * SECTOR;
+            let at = fv::sectors_to_bytes(e);
             if at < off + 1024 || at + used(i) > self.footer_offset {
                 return bad(
                     i,
@@ -283,7 +283,7 @@ impl VhdDisk {
         if block >= cache.announced_to || block + BITMAP_READ_AHEAD < cache.announced_to {
             cache.announced_to = self.announce_bitmaps(block + 1);
         }
-        let at = u64::from(self.bat[block as usize]) * SECTOR;
+        let at = fv::sectors_to_bytes(self.bat[block as usize]);
         let v = self.src.read_vec(
             self.dyn_header().bitmap_bytes() as usize,
             at,
@@ -302,7 +302,7 @@ impl VhdDisk {
             for block in from..end {
                 match self.bat[block as usize] {
                     fv::UNALLOCATED => {}
-                    e => crate::io::will_need(fd, u64::from(e) * SECTOR, bytes),
+                    e => crate::io::will_need(fd, fv::sectors_to_bytes(e), bytes),
                 }
             }
         }
@@ -380,14 +380,14 @@ impl VhdDisk {
             fv::UNALLOCATED => self.allocate(block)?,
             s if whole && self.out_of_place && !self.dirty_bat.contains(&block) => {
                 self.released
-                    .push((u64::from(s) * SECTOR, h.bitmap_bytes() + bs));
+                    .push((fv::sectors_to_bytes(s), h.bitmap_bytes() + bs));
                 // Every sector is written below: the new bitmap starts empty.
                 let at = self.allocate(block)?;
                 self.dirty_bitmaps
                     .insert(block, vec![0; h.bitmap_bytes() as usize]);
                 at
             }
-            s => u64::from(s) * SECTOR,
+            s => fv::sectors_to_bytes(s),
         };
         self.src
             .put(data, at + h.bitmap_bytes() + in_block, "block data")?;
@@ -417,7 +417,7 @@ impl VhdDisk {
             self.src.write(&bytes, table + run[0] * 4, "BAT entries")?;
         }
         for (block, bitmap) in std::mem::take(&mut self.dirty_bitmaps) {
-            let at = u64::from(self.bat[block as usize]) * SECTOR;
+            let at = fv::sectors_to_bytes(self.bat[block as usize]);
             self.src.write(&bitmap, at, "a block bitmap")?;
             self.bitmap_cache
                 .lock()
@@ -468,7 +468,7 @@ impl VhdDisk {
             let room = if l.data_space >= 512 {
                 u64::from(l.data_space)
             } else {
-                u64::from(l.data_space) * SECTOR
+                fv::sectors_to_bytes(l.data_space)
             };
             if data.len() as u64 > room {
                 return Err(Error::unsupported(
@@ -609,7 +609,7 @@ impl Layer for VhdDisk {
                 n,
             ));
         }
-        let data = u64::from(e) * SECTOR + h.bitmap_bytes() + in_block;
+        let data = fv::sectors_to_bytes(e) + h.bitmap_bytes() + in_block;
         if !self.is_differencing() {
             return Ok((Extent::Data(data), n));
         }
