@@ -252,7 +252,7 @@ fn chains_made_by_vhdmerge_read_alike_in_dissect_and_libvhdi() {
 }
 
 /// A run the child does not hold that starts inside a byte of its parent's
-/// sector bitmap and ends past that byte: sectors 3..11 of block 0 come
+/// sector bitmap and ends past that byte: sectors 3..10 of block 0 come
 /// from `c1`, whose block 0 is only partly present. dissect reads too few
 /// bitmap bytes for such a run; the oracle must still read it right.
 #[test]

@@ -279,13 +279,13 @@ pub fn decode_locator_text(code: &[u8; 4], data: &[u8]) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-/// MSB-first bitmap test: sector i is bit (7 − i%8) of byte i/8.
 /// A count of 512-byte sectors (how BAT entries and locators give file
 /// positions and sizes), in bytes.
 pub fn sectors_to_bytes(sectors: u32) -> u64 {
     u64::from(sectors) * SECTOR
 }
 
+/// MSB-first bitmap test: sector i is bit (7 − i%8) of byte i/8.
 pub fn bit(bitmap: &[u8], i: u64) -> bool {
     bitmap[(i / 8) as usize] & (0x80 >> (i % 8)) != 0
 }
