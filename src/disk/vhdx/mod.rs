@@ -18,7 +18,10 @@ use crate::format::vhdx::region::{self, RegionEntry, RegionTable};
 use crate::format::vhdx::{self as fx, HEADER_OFFSETS, MIB, REGION_OFFSETS};
 use crate::io::{FileStorage, Overlay, Src, Storage};
 pub(crate) use open::read_headers;
-use open::{check_header, check_region, find_log, read_metadata, read_regions, replay_on_disk};
+use open::{
+    check_header, check_log_writable, check_region, find_log, read_metadata, read_regions,
+    replay_on_disk,
+};
 
 mod open;
 mod write;
@@ -213,7 +216,11 @@ impl VhdxDisk {
         let file_len = src.len()?;
         let creator = read_identifier(&src, file_len)?;
         let (header, header_slot, mut warnings) = read_headers(&src)?;
-        check_header(path, &header, file_len)?;
+        let at = HEADER_OFFSETS[header_slot];
+        check_header(path, &header, at, file_len)?;
+        if writable {
+            check_log_writable(path, &header, at, file_len)?;
+        }
         let (src, log_state) = open_log(src, &header, header_slot, file_len, writable)?;
         // A replay on disk updated the headers.
         let (header, header_slot) = if matches!(log_state, LogState::ReplayedOnDisk { .. }) {
@@ -311,8 +318,6 @@ impl VhdxDisk {
             .collect())
     }
 
-    /// Every allocated structure lies after the header section, inside the
-    /// file (or is refused), and nothing overlaps (MS-VHDX 2.5.1).
     /// Nothing the file holds overlaps anything else: the log, the
     /// regions, and every block and sector bitmap the BAT points at.
     fn check_layout(&self) -> Result<()> {

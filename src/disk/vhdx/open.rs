@@ -72,8 +72,8 @@ pub(crate) fn read_headers(src: &Src) -> Result<(Header, usize, Vec<Warning>)> {
     Ok((h, cur, warnings))
 }
 
-pub(super) fn check_header(path: &Path, h: &Header, file_len: u64) -> Result<()> {
-    let at = HEADER_OFFSETS[0];
+/// `at`: where the header was read.
+pub(super) fn check_header(path: &Path, h: &Header, at: u64, file_len: u64) -> Result<()> {
     if h.version != 1 {
         return Err(Error::unsupported(
             path,
@@ -81,13 +81,16 @@ pub(super) fn check_header(path: &Path, h: &Header, file_len: u64) -> Result<()>
             format!("version {} (only 1 is defined)", h.version),
         ));
     }
-    if !h.log_offset.is_multiple_of(MIB) || u64::from(h.log_length) % MIB != 0 {
+    // The first MiB is the header section (MS-VHDX 2.1), even for a log
+    // that is empty now: a writer starts its log there.
+    if !h.log_offset.is_multiple_of(MIB) || u64::from(h.log_length) % MIB != 0 || h.log_offset < MIB
+    {
         return Err(Error::corrupt(
             path,
             "header",
             at,
             format!(
-                "log at {:#x} length {:#x} is not 1 MiB aligned",
+                "log at {:#x} length {:#x}: both must be multiples of 1 MiB, and the log must start after the 1 MiB header section",
                 h.log_offset, h.log_length
             ),
         ));
@@ -100,8 +103,7 @@ pub(super) fn check_header(path: &Path, h: &Header, file_len: u64) -> Result<()>
                 format!("log version {}", h.log_version),
             ));
         }
-        if h.log_offset < MIB
-            || h.log_length == 0
+        if h.log_length == 0
             || h.log_offset
                 .checked_add(u64::from(h.log_length))
                 .is_none_or(|e| e > file_len)
@@ -116,6 +118,28 @@ pub(super) fn check_header(path: &Path, h: &Header, file_len: u64) -> Result<()>
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+/// A writer puts every metadata change through the log, so a file to be
+/// written needs a log of its own inside the file; an empty log's place is
+/// otherwise never used and is only checked here.
+pub(super) fn check_log_writable(path: &Path, h: &Header, at: u64, file_len: u64) -> Result<()> {
+    if h.log_length == 0
+        || h.log_offset
+            .checked_add(u64::from(h.log_length))
+            .is_none_or(|e| e > file_len)
+    {
+        return Err(Error::corrupt(
+            path,
+            "header",
+            at,
+            format!(
+                "log at {:#x} length {:#x} is not a place inside the file ({file_len} bytes) where updates can be logged; the file can be read but not written (convert it to a new file)",
+                h.log_offset, h.log_length
+            ),
+        ));
     }
     Ok(())
 }
