@@ -158,6 +158,65 @@ fn a_log_that_does_not_replay() {
     assert_eq!(folder_digests(d.path()), before);
 }
 
+/// `b` with a new current header, changed by `change`.
+fn new_header(b: &Path, change: impl FnOnce(&mut vhdmerge::format::vhdx::header::Header)) {
+    use vhdmerge::format::vhdx::HEADER_OFFSETS;
+    let mut f = std::fs::read(b).unwrap();
+    let (mut h, slot) = common::header_to_replace(&f);
+    assert!(h.log_guid.is_nil());
+    h.sequence += 1;
+    change(&mut h);
+    f[HEADER_OFFSETS[slot] as usize..][..4096].copy_from_slice(&h.encode());
+    std::fs::write(b, f).unwrap();
+}
+
+/// `info` reads the chain whose top is `c`; `merge` is refused with
+/// `needle`, naming b.vhdx, before the first write.
+fn readable_not_writable(dir: &Path, c: &Path, needle: &str) {
+    let before = folder_digests(dir);
+    let o = vhdmerge(&["info", "--chain", c.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = vhdmerge(&["merge", c.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("b.vhdx") && err.contains(needle),
+        "{err}"
+    );
+    let after = folder_digests(dir);
+    assert_eq!(after, before, "a refused merge wrote: {err}");
+}
+
+#[test]
+fn a_log_in_the_header_section() {
+    // A writer would start its log over the file identifier.
+    let d = tempfile::tempdir().unwrap();
+    let (b, c) = vhdx_chain(d.path());
+    new_header(&b, |h| h.log_offset = 0);
+    refused(d.path(), &c, "after the 1 MiB header section");
+}
+
+#[test]
+fn an_ancestor_whose_log_lies_past_its_end() {
+    // The log is empty, so the file reads; a merge would log its updates
+    // past the end, where the blocks it allocates go.
+    let d = tempfile::tempdir().unwrap();
+    let (b, c) = vhdx_chain(d.path());
+    let end = std::fs::metadata(&b)
+        .unwrap()
+        .len()
+        .next_multiple_of(1 << 20);
+    new_header(&b, |h| h.log_offset = end + (1 << 20));
+    readable_not_writable(d.path(), &c, "can be read but not written");
+}
+
+#[test]
+fn an_ancestor_whose_header_sequence_is_at_its_end() {
+    let d = tempfile::tempdir().unwrap();
+    let (b, c) = vhdx_chain(d.path());
+    new_header(&b, |h| h.sequence = u64::MAX - 7);
+    readable_not_writable(d.path(), &c, "leaves no room for updates");
+}
+
 #[test]
 fn a_journal_that_belongs_to_other_files() {
     let d = tempfile::tempdir().unwrap();

@@ -171,6 +171,11 @@ pub trait Layer: Send + Sync {
     fn info(&self) -> Result<LayerInfo>;
     /// Problems that allow reading but forbid writing (bad checksums).
     fn warnings(&self) -> &[Warning];
+    /// Refuses, with its reason, what a writable open of this file would
+    /// refuse: a merge asks before its first write. Default: nothing.
+    fn check_writable(&self) -> Result<()> {
+        Ok(())
+    }
     /// Bytes of metadata changed and not yet committed (VHDX BAT and
     /// bitmap pages, which a commit writes to the log and then in place).
     /// Writers commit early when this grows, to bound memory.

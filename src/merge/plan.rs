@@ -257,6 +257,7 @@ pub fn prepare(child: &Path, opts: &MergeOptions) -> Result<Prepared> {
     let (relink, siblings) = dependents(&chain, ancestor, opts.force)?;
     let rel_paths: Vec<&Path> = relink.iter().map(|d| d.path.as_path()).collect();
     preflight::refuse_pending(&rel_paths)?;
+    preflight::refuse_unwritable(chain.layers[ancestor].as_ref(), &rel_paths)?;
     let mut writes: Vec<&Path> = vec![chain.layers[ancestor].path()];
     writes.extend(&rel_paths);
     let mut folders: Vec<&Path> = vec![folder_of(chain.layers[ancestor].path())];

@@ -35,6 +35,17 @@ pub fn refuse_damaged(chain: &Chain, levels: usize) -> Result<()> {
     Ok(())
 }
 
+/// Refuses what a writable open of the files the merge writes (the
+/// ancestor and the re-linked children) would refuse, before the journal
+/// exists: a file that can be read but not written.
+pub fn refuse_unwritable(ancestor: &dyn Layer, relinked: &[&Path]) -> Result<()> {
+    ancestor.check_writable()?;
+    for p in relinked {
+        open_layer(p, false)?.check_writable()?;
+    }
+    Ok(())
+}
+
 pub fn refuse_pending(paths: &[&Path]) -> Result<()> {
     for p in paths {
         if let Some(j) = crate::transaction::pending_journal(p)? {

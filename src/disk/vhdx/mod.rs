@@ -19,7 +19,7 @@ use crate::format::vhdx::{self as fx, HEADER_OFFSETS, MIB, REGION_OFFSETS};
 use crate::io::{FileStorage, Overlay, Src, Storage};
 pub(crate) use open::read_headers;
 use open::{
-    check_header, check_log_writable, check_region, find_log, read_metadata, read_regions,
+    check_header, check_header_writable, check_region, find_log, read_metadata, read_regions,
     replay_on_disk,
 };
 
@@ -189,18 +189,8 @@ impl VhdxDisk {
         let shared: std::sync::Arc<dyn Storage> = std::sync::Arc::from(io);
         let peek = Src::new(path, Box::new(shared.clone()));
         if peek.len()? >= 1 << 20 {
-            let (h, _, _) = read_headers(&peek)?;
-            if h.sequence > u64::MAX - (1 << 32) {
-                return Err(Error::corrupt(
-                    path,
-                    "header",
-                    HEADER_OFFSETS[0],
-                    format!(
-                        "sequence number {:#x} leaves no room for updates; the file cannot be written (convert it to a new file)",
-                        h.sequence
-                    ),
-                ));
-            }
+            let (h, slot, _) = read_headers(&peek)?;
+            check_header_writable(path, &h, HEADER_OFFSETS[slot], peek.len()?)?;
             if !h.log_guid.is_nil() {
                 let probe =
                     Overlay::new(shared.clone()).map_err(|e| Error::io(path, "opening", e))?;
@@ -216,11 +206,7 @@ impl VhdxDisk {
         let file_len = src.len()?;
         let creator = read_identifier(&src, file_len)?;
         let (header, header_slot, mut warnings) = read_headers(&src)?;
-        let at = HEADER_OFFSETS[header_slot];
-        check_header(path, &header, at, file_len)?;
-        if writable {
-            check_log_writable(path, &header, at, file_len)?;
-        }
+        check_header(path, &header, HEADER_OFFSETS[header_slot], file_len)?;
         let (src, log_state) = open_log(src, &header, header_slot, file_len, writable)?;
         // A replay on disk updated the headers.
         let (header, header_slot) = if matches!(log_state, LogState::ReplayedOnDisk { .. }) {
@@ -708,6 +694,10 @@ impl Layer for VhdxDisk {
     }
     fn warnings(&self) -> &[Warning] {
         &self.warnings
+    }
+    fn check_writable(&self) -> Result<()> {
+        let at = HEADER_OFFSETS[self.header_slot];
+        check_header_writable(&self.src.path, &self.header, at, self.file_len)
     }
 }
 

@@ -122,10 +122,22 @@ pub(super) fn check_header(path: &Path, h: &Header, at: u64, file_len: u64) -> R
     Ok(())
 }
 
-/// A writer puts every metadata change through the log, so a file to be
-/// written needs a log of its own inside the file; an empty log's place is
-/// otherwise never used and is only checked here.
-pub(super) fn check_log_writable(path: &Path, h: &Header, at: u64, file_len: u64) -> Result<()> {
+/// What a file needs before it can be written, read from its current
+/// header (at `at`): room for the header updates a writer makes, and a log
+/// of its own inside the file, since every metadata change goes through
+/// the log (an empty log's place is otherwise never used).
+pub(super) fn check_header_writable(path: &Path, h: &Header, at: u64, file_len: u64) -> Result<()> {
+    if h.sequence > u64::MAX - (1 << 32) {
+        return Err(Error::corrupt(
+            path,
+            "header",
+            at,
+            format!(
+                "sequence number {:#x} leaves no room for updates; the file cannot be written (convert it to a new file)",
+                h.sequence
+            ),
+        ));
+    }
     if h.log_length == 0
         || h.log_offset
             .checked_add(u64::from(h.log_length))
