@@ -173,7 +173,7 @@ pub trait Layer: Send + Sync {
     fn warnings(&self) -> &[Warning];
     /// Refuses, with its reason, what a writable open of this file would
     /// refuse: a merge asks before its first write. Default: nothing.
-    fn check_writable(&self) -> Result<()> {
+    fn check_open_for_writing(&self) -> Result<()> {
         Ok(())
     }
     /// Bytes of metadata changed and not yet committed (VHDX BAT and

@@ -39,9 +39,9 @@ pub fn refuse_damaged(chain: &Chain, levels: usize) -> Result<()> {
 /// ancestor and the re-linked children) would refuse, before the journal
 /// exists: a file that can be read but not written.
 pub fn refuse_unwritable(ancestor: &dyn Layer, relinked: &[&Path]) -> Result<()> {
-    ancestor.check_writable()?;
+    ancestor.check_open_for_writing()?;
     for p in relinked {
-        open_layer(p, false)?.check_writable()?;
+        open_layer(p, false)?.check_open_for_writing()?;
     }
     Ok(())
 }

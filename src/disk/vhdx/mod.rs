@@ -695,7 +695,7 @@ impl Layer for VhdxDisk {
     fn warnings(&self) -> &[Warning] {
         &self.warnings
     }
-    fn check_writable(&self) -> Result<()> {
+    fn check_open_for_writing(&self) -> Result<()> {
         let at = HEADER_OFFSETS[self.header_slot];
         check_header_writable(&self.src.path, &self.header, at, self.file_len)
     }
