@@ -103,11 +103,7 @@ pub(super) fn check_header(path: &Path, h: &Header, at: u64, file_len: u64) -> R
                 format!("log version {}", h.log_version),
             ));
         }
-        if h.log_length == 0
-            || h.log_offset
-                .checked_add(u64::from(h.log_length))
-                .is_none_or(|e| e > file_len)
-        {
+        if !log_inside(h, file_len) {
             return Err(Error::corrupt(
                 path,
                 "header",
@@ -120,6 +116,14 @@ pub(super) fn check_header(path: &Path, h: &Header, at: u64, file_len: u64) -> R
         }
     }
     Ok(())
+}
+
+/// Whether the header's log has a length and lies inside the file.
+fn log_inside(h: &Header, file_len: u64) -> bool {
+    h.log_length > 0
+        && h.log_offset
+            .checked_add(u64::from(h.log_length))
+            .is_some_and(|e| e <= file_len)
 }
 
 /// What a file needs before it can be written, read from its current
@@ -138,11 +142,7 @@ pub(super) fn check_header_writable(path: &Path, h: &Header, at: u64, file_len: 
             ),
         ));
     }
-    if h.log_length == 0
-        || h.log_offset
-            .checked_add(u64::from(h.log_length))
-            .is_none_or(|e| e > file_len)
-    {
+    if !log_inside(h, file_len) {
         return Err(Error::corrupt(
             path,
             "header",
