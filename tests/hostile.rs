@@ -296,20 +296,35 @@ fn mutation_sweep() {
             };
             let mut cases: Vec<Case> = Vec::new();
             for (name, off, w) in fields {
+                // VHDX headers and region tables also with their CRC made
+                // right, so that the change gets past the checksum to the
+                // code that uses the field.
+                let fixes: &[bool] =
+                    match vhdx && (name.starts_with("header") || name.starts_with("region")) {
+                        true => &[false, true],
+                        false => &[false],
+                    };
                 for m in mutations(w) {
-                    let label = format!(
-                        "{} {name} at {off:#x} := {:02x?}",
-                        target.file_name().unwrap().to_string_lossy(),
-                        &m[..m.len().min(4)]
-                    );
-                    cases.push((
-                        label,
-                        Box::new(move |p: &Path| {
-                            use std::os::unix::fs::FileExt;
-                            let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
-                            f.write_all_at(&m, off).unwrap();
-                        }),
-                    ));
+                    for &fix in fixes {
+                        let label = format!(
+                            "{} {name} at {off:#x} := {:02x?}{}",
+                            target.file_name().unwrap().to_string_lossy(),
+                            &m[..m.len().min(4)],
+                            if fix { " (checksums made right)" } else { "" }
+                        );
+                        let m = m.clone();
+                        cases.push((
+                            label,
+                            Box::new(move |p: &Path| {
+                                let mut b = std::fs::read(p).unwrap();
+                                b[off as usize..][..w].copy_from_slice(&m);
+                                if fix {
+                                    vhdmerge::fuzzing::fix_vhdx_checksums(&mut b);
+                                }
+                                std::fs::write(p, b).unwrap();
+                            }),
+                        ));
+                    }
                 }
             }
             for k in 1..=12u64 {
