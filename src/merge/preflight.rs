@@ -140,8 +140,7 @@ pub fn lock_all(paths: &[&Path]) -> Result<Locks> {
     let mut files = Vec::new();
     for p in paths {
         let f = File::open(p).map_err(|e| Error::io(p, "opening to lock", e))?;
-        // UFCS: std's inherent File::try_lock would shadow fs2's method names.
-        if fs2::FileExt::try_lock_exclusive(&f).is_err() {
+        if !try_lock(&f) {
             return Err(Error::WriteRefused {
                 path: p.to_path_buf(),
                 reason: "another vhdmerge merge or recover holds this file; wait for it to finish"
@@ -160,6 +159,25 @@ pub fn lock_all(paths: &[&Path]) -> Result<Locks> {
     }
     Ok(Locks { files })
 }
+
+/// Takes `f`'s exclusive lock, trying for up to a second. A lock is held
+/// by an open file description: when a program that merged (a test
+/// harness, a backup tool) starts another program, the child holds a copy
+/// of every descriptor until its exec closes them, so a lock the program
+/// has just released can look held for a moment. A real holder, another
+/// merge or recover, holds it far longer than that.
+fn try_lock(f: &File) -> bool {
+    for _ in 0..LOCK_TRIES {
+        // UFCS: std's inherent File::try_lock would shadow fs2's method names.
+        if fs2::FileExt::try_lock_exclusive(f).is_ok() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
+
+const LOCK_TRIES: u32 = 10;
 
 impl Locks {
     /// Takes the sizes and modification times afresh, after recovery
@@ -306,4 +324,26 @@ pub fn layer_paths(chain: &Chain) -> Vec<&Path> {
 
 pub fn identity_text(l: &dyn Layer) -> String {
     l.identity().describe()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lock_released_within_the_tries_is_taken_and_a_held_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.vhdx");
+        std::fs::write(&p, b"x").unwrap();
+        let holder = File::open(&p).unwrap();
+        fs2::FileExt::try_lock_exclusive(&holder).unwrap();
+        let e = lock_all(&[p.as_path()]).err().expect("held: refused");
+        assert!(e.to_string().contains("holds this file"), "{e}");
+        let released = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(holder);
+        });
+        assert!(lock_all(&[p.as_path()]).is_ok(), "released after 300 ms");
+        released.join().unwrap();
+    }
 }
