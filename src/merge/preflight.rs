@@ -167,12 +167,14 @@ pub fn lock_all(paths: &[&Path]) -> Result<Locks> {
 /// has just released can look held for a moment. A real holder, another
 /// merge or recover, holds it far longer than that.
 fn try_lock(f: &File) -> bool {
-    for _ in 0..LOCK_TRIES {
+    for tried in 1..=LOCK_TRIES {
         // UFCS: std's inherent File::try_lock would shadow fs2's method names.
         if fs2::FileExt::try_lock_exclusive(f).is_ok() {
             return true;
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        if tried < LOCK_TRIES {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
     false
 }

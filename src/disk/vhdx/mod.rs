@@ -188,9 +188,10 @@ impl VhdxDisk {
         }
         let shared: std::sync::Arc<dyn Storage> = std::sync::Arc::from(io);
         let peek = Src::new(path, Box::new(shared.clone()));
-        if peek.len()? >= 1 << 20 {
+        let len = peek.len()?;
+        if len >= 1 << 20 {
             let (h, slot, _) = read_headers(&peek)?;
-            check_header_writable(path, &h, HEADER_OFFSETS[slot], peek.len()?)?;
+            check_header_writable(path, &h, HEADER_OFFSETS[slot], len)?;
             if !h.log_guid.is_nil() {
                 let probe =
                     Overlay::new(shared.clone()).map_err(|e| Error::io(path, "opening", e))?;
