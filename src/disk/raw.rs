@@ -59,6 +59,9 @@ impl Layer for RawDisk {
     fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
         self.src.read(buf, file_offset, "data")
     }
+    fn file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.src.io.fd()
+    }
     fn put(&mut self, _offset: u64, _data: super::Payload<'_>) -> Result<()> {
         Err(Error::WriteRefused {
             path: self.src.path.clone(),

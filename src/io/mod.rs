@@ -56,6 +56,7 @@ pub trait Storage: Send + Sync {
     }
 }
 
+pub mod mapped;
 pub mod share;
 pub use share::SharedFile;
 

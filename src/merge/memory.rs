@@ -7,7 +7,7 @@
 //!
 //! | consumer | bound | enforced by |
 //! |---|---|---|
-//! | read buffers: groups read, queued and being written, and buffers kept for reuse | `READ_BUFFERS` | `read::Buffers::reserve` (a group waits for room) |
+//! | read buffers and mapped reads: groups read, queued and being written, and buffers kept for reuse | `READ_BUFFERS` | `read::Buffers::reserve` (a group waits for room) |
 //! | overwrites held until their before-images are durable | `HELD` | `journal::storage` (issued when the arena is full) |
 //! | journal records appended and not yet written | `JOURNAL_PENDING` | `journal::Writer::append` (written to the file past it) |
 //! | BAT and bitmap pages changed since the last commit | `METADATA` | `DurablePoints::after_copy` (an early commit) |
@@ -18,8 +18,9 @@
 //! Verification after the commit reads through a pool of `READ_BUFFERS`,
 //! once the copy's buffers are gone.
 
-/// Read buffers, all groups together. A group holds at most twice its
-/// data (a merged read kept whole is at least half data) plus one
+/// Read buffers and mapped reads, all groups together. A group holds at
+/// most twice its data (a merged read kept whole or mapped is at least
+/// half data, a mapping counted in whole pages) plus one
 /// transient read of `read::MERGED_READ`; its data is at most
 /// `read::GROUP_BYTES` plus one run.
 pub(crate) const READ_BUFFERS: usize = 26 << 20;

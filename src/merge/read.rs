@@ -11,6 +11,7 @@ use super::{Run, for_each_run};
 use crate::disk::{Chain, Extent, Layer};
 use crate::error::{Error, Result};
 use crate::io::SharedFile;
+use crate::io::mapped::Mapped;
 
 /// Runs handled together (their reads merged).
 pub(super) const GROUP_BYTES: u64 = 8 << 20;
@@ -19,6 +20,10 @@ const READ_GAP: u64 = 64 << 10;
 /// The longest merged read. A read of mostly gaps is compacted, so its
 /// buffer is transient; this bounds it.
 pub(super) const MERGED_READ: u64 = 2 << 20;
+/// Reads at least this long, of a file the layer reads straight from, are
+/// mapped instead of copied (io/mapped.rs); below it the calls that map,
+/// fault in and unmap cost more than the copy they save.
+const MAP_MIN: u64 = 256 << 10;
 
 /// Reads one group of copied runs back through the ancestor's view and
 /// matches each to the BLAKE3 recorded when it was copied.
@@ -166,9 +171,27 @@ struct MergedRead {
     start: u64,
     end: u64,
     covered: u64,
+    /// Mapped in place rather than read into a buffer.
+    mapped: bool,
 }
 
 impl MergedRead {
+    /// Long enough to map, and mostly data even widened to whole pages
+    /// (so that a group still holds at most twice its data).
+    fn suits_mapping(&self) -> bool {
+        let len = self.end - self.start;
+        len >= MAP_MIN && Mapped::footprint(self.start, len) <= 2 * self.covered
+    }
+
+    /// The memory the read holds until its group is written.
+    fn held(&self) -> u64 {
+        match (self.mapped, self.compacted()) {
+            (true, _) => Mapped::footprint(self.start, self.end - self.start),
+            (false, true) => self.covered,
+            (false, false) => self.end - self.start,
+        }
+    }
+
     /// Mostly gaps (scattered small runs): the pieces are copied together,
     /// so that a group holds its data, not the gaps between, which for
     /// 4 KiB runs are most of the read.
@@ -201,6 +224,7 @@ fn plan_reads(reqs: &[(usize, u64, u64)], order: &[usize], gap: u64) -> Vec<Merg
             start,
             end,
             covered,
+            mapped: false,
         });
         i = j;
     }
@@ -210,19 +234,10 @@ fn plan_reads(reqs: &[(usize, u64, u64)], order: &[usize], gap: u64) -> Vec<Merg
 /// Bytes of buffers `reads` hold at most at once: what they keep (whole
 /// reads, or the compacted pieces) and the largest transient read.
 fn buffer_bytes(reads: &[MergedRead]) -> usize {
-    let kept: u64 = reads
-        .iter()
-        .map(|r| {
-            if r.compacted() {
-                r.covered
-            } else {
-                r.end - r.start
-            }
-        })
-        .sum();
+    let kept: u64 = reads.iter().map(MergedRead::held).sum();
     let transient = reads
         .iter()
-        .filter(|r| r.compacted())
+        .filter(|r| !r.mapped && r.compacted())
         .map(|r| r.end - r.start)
         .max()
         .unwrap_or(0);
@@ -242,9 +257,12 @@ fn read_pieces<'a>(
 ) -> Result<Pieces<'a>> {
     let mut order: Vec<usize> = (0..reqs.len()).collect();
     order.sort_by_key(|&i| (reqs[i].0, reqs[i].1));
-    let reads = plan_reads(reqs, &order, gap);
+    let mut reads = plan_reads(reqs, &order, gap);
+    for r in &mut reads {
+        r.mapped = r.suits_mapping() && layers[reqs[order[r.i]].0].file().is_some();
+    }
     let mut out = Pieces {
-        bufs: Vec::new(),
+        held: Vec::new(),
         at: vec![(0, 0, 0); reqs.len()],
         reserved: buffers.reserve(buffer_bytes(&reads)),
         pool: buffers,
@@ -258,37 +276,74 @@ fn read_pieces<'a>(
     }
     for r in reads {
         let level = reqs[order[r.i]].0;
-        let mut buf = buffers.take((r.end - r.start) as usize);
-        layers[level].read_data(r.start, &mut buf)?;
+        let len = (r.end - r.start) as usize;
+        let fd = layers[level].file().filter(|_| r.mapped);
+        // A mapping that fails is read the ordinary way, which names what
+        // is wrong.
+        let held = match fd.map(|fd| Mapped::map(fd, r.start, len)) {
+            Some(Ok(m)) => Held::Mapped(m),
+            _ => {
+                let mut buf = buffers.take(len);
+                layers[level].read_data(r.start, &mut buf)?;
+                Held::Buffer(buf)
+            }
+        };
         if !r.compacted() {
             // Each piece is a slice of the merged read, no copy.
             for &k in &order[r.i..r.j] {
                 let (_, fo, n) = reqs[k];
-                out.at[k] = (out.bufs.len(), (fo - r.start) as usize, n as usize);
+                out.at[k] = (out.held.len(), (fo - r.start) as usize, n as usize);
             }
-            out.bufs.push(buf);
+            out.held.push(held);
             continue;
         }
+        let Held::Buffer(buf) = held else {
+            unreachable!("a compacted read is never mapped");
+        };
         let mut compact = buffers.take(r.covered as usize);
         let mut at = 0;
         for &k in &order[r.i..r.j] {
             let (_, fo, n) = reqs[k];
             let (from, n) = ((fo - r.start) as usize, n as usize);
             compact[at..at + n].copy_from_slice(&buf[from..from + n]);
-            out.at[k] = (out.bufs.len(), at, n);
+            out.at[k] = (out.held.len(), at, n);
             at += n;
         }
-        out.bufs.push(compact);
+        out.held.push(Held::Buffer(compact));
         buffers.give(buf);
     }
     Ok(out)
 }
 
-/// What `read_pieces` read: a few buffers, and where in them each
-/// requested piece lies. Dropping it gives the buffers and their
-/// reservation back to the pool.
+/// The bytes of one read of `read_pieces`.
+enum Held {
+    Buffer(Vec<u8>),
+    Mapped(Mapped),
+}
+
+impl Held {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Held::Buffer(b) => b,
+            Held::Mapped(m) => m.bytes(),
+        }
+    }
+
+    /// The memory it takes (for tests of the bound).
+    #[cfg(test)]
+    fn memory(&self) -> usize {
+        match self {
+            Held::Buffer(b) => b.capacity(),
+            Held::Mapped(m) => m.mapped_len(),
+        }
+    }
+}
+
+/// What `read_pieces` read: a few buffers or mappings, and where in them
+/// each requested piece lies. Dropping it unmaps the mappings and gives
+/// the buffers and their reservation back to the pool.
 pub(super) struct Pieces<'a> {
-    bufs: Vec<Vec<u8>>,
+    held: Vec<Held>,
     /// Per request: (buffer, start, length).
     at: Vec<(usize, usize, usize)>,
     reserved: usize,
@@ -298,14 +353,18 @@ pub(super) struct Pieces<'a> {
 impl Pieces<'_> {
     pub(super) fn get(&self, k: usize) -> &[u8] {
         let (b, start, len) = self.at[k];
-        &self.bufs[b][start..start + len]
+        &self.held[b].bytes()[start..start + len]
     }
 }
 
 impl Drop for Pieces<'_> {
     fn drop(&mut self) {
-        self.pool
-            .give_back(std::mem::take(&mut self.bufs), self.reserved);
+        let bufs = std::mem::take(&mut self.held).into_iter();
+        let bufs = bufs.filter_map(|h| match h {
+            Held::Buffer(b) => Some(b),
+            Held::Mapped(_) => None,
+        });
+        self.pool.give_back(bufs.collect(), self.reserved);
     }
 }
 
@@ -470,8 +529,10 @@ mod tests {
         // a's first three pieces (within READ_GAP) are one read, the far
         // one at 20 MiB another (with its neighbour 1000 bytes on), and b
         // its own.
-        assert_eq!(pieces.bufs.len(), 3);
-        let held: usize = pieces.bufs.iter().map(Vec::capacity).sum();
+        assert_eq!(pieces.held.len(), 3);
+        // The first read, over 1 MiB of one file, is mapped in place.
+        assert!(matches!(pieces.held[0], Held::Mapped(_)));
+        let held: usize = pieces.held.iter().map(Held::memory).sum();
         assert!(held <= pieces.reserved, "{held} > {}", pieces.reserved);
     }
 
@@ -484,9 +545,9 @@ mod tests {
         let reqs: Vec<(usize, u64, u64)> = (0..64).map(|i| (0, i * 60_000, 512)).collect();
         let buffers = Buffers::default();
         let pieces = read_pieces(&layers, &reqs, READ_GAP, &buffers).unwrap();
-        let held: usize = pieces.bufs.iter().map(Vec::len).sum();
+        let held: usize = pieces.held.iter().map(|h| h.bytes().len()).sum();
         assert_eq!(held, 64 * 512);
-        assert!(pieces.bufs.iter().map(Vec::capacity).sum::<usize>() <= pieces.reserved);
+        assert!(pieces.held.iter().map(Held::memory).sum::<usize>() <= pieces.reserved);
         for (k, &(_, fo, n)) in reqs.iter().enumerate() {
             assert_eq!(pieces.get(k), expected(4 << 20, 3, fo, n));
         }
