@@ -177,7 +177,8 @@ struct MergedRead {
 
 impl MergedRead {
     /// Long enough to map, and mostly data even widened to whole pages
-    /// (so that a group still holds at most twice its data).
+    /// (so that a group still holds at most twice its data; such a read is
+    /// never compacted).
     fn suits_mapping(&self) -> bool {
         let len = self.end - self.start;
         len >= MAP_MIN && Mapped::footprint(self.start, len) <= 2 * self.covered
@@ -237,7 +238,7 @@ fn buffer_bytes(reads: &[MergedRead]) -> usize {
     let kept: u64 = reads.iter().map(MergedRead::held).sum();
     let transient = reads
         .iter()
-        .filter(|r| !r.mapped && r.compacted())
+        .filter(|r| r.compacted())
         .map(|r| r.end - r.start)
         .max()
         .unwrap_or(0);
