@@ -376,19 +376,23 @@ impl VhdDisk {
         let block = offset / bs;
         let in_block = offset % bs;
         let whole = in_block == 0 && data.len() == bs;
-        let at = match self.bat[block as usize] {
-            fv::UNALLOCATED => self.allocate(block)?,
+        let (at, placed) = match self.bat[block as usize] {
+            fv::UNALLOCATED => (self.allocate(block)?, true),
             s if whole && self.out_of_place && !self.dirty_bat.contains(&block) => {
                 self.released
                     .push((fv::sectors_to_bytes(s), h.bitmap_bytes() + bs));
-                // Every sector is written below: the new bitmap starts empty.
-                let at = self.allocate(block)?;
-                self.dirty_bitmaps
-                    .insert(block, vec![0; h.bitmap_bytes() as usize]);
-                at
+                (self.allocate(block)?, true)
             }
-            s => fv::sectors_to_bytes(s),
+            s => (fv::sectors_to_bytes(s), false),
         };
+        if placed {
+            // A newly placed block's bitmap starts empty. Reading it
+            // instead would read a hole in the reserved space, which the
+            // kernel answers by zero-filling a whole read-ahead window of
+            // pages that the block's data then overwrites.
+            self.dirty_bitmaps
+                .insert(block, vec![0; h.bitmap_bytes() as usize]);
+        }
         self.src
             .put(data, at + h.bitmap_bytes() + in_block, "block data")?;
         // The bits that make the data visible are written at the commit,
@@ -789,4 +793,93 @@ impl Layer for VhdDisk {
 /// A fresh unique id for new disks.
 pub fn new_unique_id() -> Uuid {
     crate::guid::fresh()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::disk::create::{VhdOptions, create_child, create_vhd};
+    use crate::io::MemStorage;
+
+    /// A file in memory that counts the reads made of it.
+    struct CountedReads(MemStorage, Arc<AtomicUsize>);
+
+    impl Storage for CountedReads {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.0.write_at(buf, offset)
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.0.flush()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.0.set_len(len)
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.0.len()
+        }
+    }
+
+    /// Where sectors [first, first + n) of the disk come from: this file's
+    /// data or the parent, one entry per sector.
+    fn sources(d: &VhdDisk, first: u64, n: u64) -> Vec<bool> {
+        (first..first + n)
+            .map(|s| match d.map(s * SECTOR, SECTOR).unwrap().0 {
+                Extent::Data(_) => true,
+                Extent::Parent => false,
+                Extent::Zero => panic!("a differencing disk maps nothing to zeros"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn new_blocks_start_with_empty_bitmaps_without_reading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (parent, child) = (dir.path().join("p.vhd"), dir.path().join("c.avhd"));
+        let o = VhdOptions {
+            size: 16 << 20,
+            ..VhdOptions::default()
+        };
+        create_vhd(&parent, &o).unwrap();
+        create_child(&child, &parent, None).unwrap();
+        let reads = Arc::new(AtomicUsize::new(0));
+        let io = CountedReads(
+            MemStorage::new(std::fs::read(&child).unwrap()),
+            reads.clone(),
+        );
+        let mut d = VhdDisk::open_with(&child, Box::new(io), true).unwrap();
+        let bs = d.block_size();
+        let data = vec![0x5a; bs as usize];
+
+        let opened = reads.load(Ordering::Relaxed);
+        // A whole block, then a new block in two pieces.
+        d.write(bs, &data).unwrap();
+        d.write(2 * bs + 3 * SECTOR, &data[..8 * SECTOR as usize])
+            .unwrap();
+        d.write(2 * bs + 20 * SECTOR, &data[..SECTOR as usize])
+            .unwrap();
+        assert_eq!(
+            reads.load(Ordering::Relaxed),
+            opened,
+            "no read before the commit"
+        );
+        d.commit().unwrap();
+
+        let sectors = bs / SECTOR;
+        assert!(sources(&d, sectors, sectors).iter().all(|&x| x));
+        let second = sources(&d, 2 * sectors, 24);
+        let expected: Vec<bool> = (0..24).map(|s| (3..11).contains(&s) || s == 20).collect();
+        assert_eq!(second, expected);
+        assert!(
+            sources(&d, 0, sectors).iter().all(|&x| !x),
+            "block 0 untouched"
+        );
+    }
 }
