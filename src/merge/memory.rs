@@ -16,7 +16,11 @@
 //! | runs read back behind the copy | `VERIFY_BEHIND` | `verify::verify_behind` (one buffer, each run read through it in pieces) |
 //!
 //! Verification after the commit reads through a pool of `READ_BUFFERS`,
-//! once the copy's buffers are gone.
+//! once the copy's buffers are gone. The reads of `read::AHEAD` groups are
+//! announced before they are made: the kernel reads them into the page
+//! cache, outside the process; the process holds only their runs'
+//! descriptions (at most 4096 runs of about 112 bytes a group), out of
+//! the program's share below.
 
 /// Read buffers and mapped reads, all groups together. A group holds at
 /// most twice its data (a merged read kept whole or mapped is at least

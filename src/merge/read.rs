@@ -3,6 +3,7 @@
 //! writer applies the group before; the same reads verify the copied runs
 //! afterwards; and the pool of read buffers both share.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -24,6 +25,8 @@ pub(super) const MERGED_READ: u64 = 2 << 20;
 /// mapped instead of copied (io/mapped.rs); below it the calls that map,
 /// fault in and unmap cost more than the copy they save.
 const MAP_MIN: u64 = 256 << 10;
+/// Groups whose reads are announced before the one being read.
+const AHEAD: usize = 2;
 
 /// Reads one group of copied runs back through the ancestor's view and
 /// matches each to the BLAKE3 recorded when it was copied.
@@ -54,6 +57,7 @@ pub(super) fn verify_group(
     }
     // What was just written is in the page cache: reading the gaps
     // between runs would cost more than the calls it saves.
+    announce(&after.layers, &reqs, 0);
     let pieces = read_pieces(&after.layers, &reqs, 0, buffers)?;
     let mut next = 0;
     for (&(offset, len, hash), parts) in chunk.iter().zip(layout) {
@@ -96,48 +100,64 @@ pub(super) struct ReadGroup<'a> {
     pub(super) datas: Vec<Loaded>,
 }
 
-fn read_group<'a>(
-    layers: &[Box<dyn Layer>],
-    sharing: &Sharing,
+/// A group whose runs are walked and whose reads the kernel has been asked
+/// to start, not yet read.
+struct Announced {
     runs: Vec<Run>,
-    buffers: &'a Buffers,
-) -> Result<ReadGroup<'a>> {
-    let datas: Vec<Loaded> = runs
-        .iter()
-        .map(|r| match (r.source, sharing.active(r.level)) {
-            (Some(fo), Some(f)) => Loaded::Shared(f.clone(), fo),
-            (Some(_), None) => Loaded::Read(0, [0; 32]),
-            (None, _) => Loaded::Zeros,
+    datas: Vec<Loaded>,
+    /// The pieces to read: (level, file offset, length).
+    reqs: Vec<(usize, u64, u64)>,
+}
+
+impl Announced {
+    fn new(layers: &[Box<dyn Layer>], sharing: &Sharing, runs: Vec<Run>) -> Announced {
+        let datas: Vec<Loaded> = runs
+            .iter()
+            .map(|r| match (r.source, sharing.active(r.level)) {
+                (Some(fo), Some(f)) => Loaded::Shared(f.clone(), fo),
+                (Some(_), None) => Loaded::Read(0, [0; 32]),
+                (None, _) => Loaded::Zeros,
+            })
+            .collect();
+        let reqs: Vec<(usize, u64, u64)> = runs
+            .iter()
+            .zip(&datas)
+            .filter(|(_, d)| matches!(d, Loaded::Read(..)))
+            .filter_map(|(r, _)| r.source.map(|fo| (r.level, fo, r.len)))
+            .collect();
+        announce(layers, &reqs, READ_GAP);
+        Announced { runs, datas, reqs }
+    }
+
+    /// Reads the group's pieces and hashes each.
+    fn read<'a>(self, layers: &[Box<dyn Layer>], buffers: &'a Buffers) -> Result<ReadGroup<'a>> {
+        let pieces = read_pieces(layers, &self.reqs, READ_GAP, buffers)?;
+        let mut next = 0;
+        let datas = (self.datas.into_iter())
+            .map(|d| match d {
+                Loaded::Read(..) => {
+                    let k = next;
+                    next += 1;
+                    Loaded::Read(k, *blake3::hash(pieces.get(k)).as_bytes())
+                }
+                other => other,
+            })
+            .collect();
+        Ok(ReadGroup {
+            runs: self.runs,
+            pieces,
+            datas,
         })
-        .collect();
-    let reqs: Vec<(usize, u64, u64)> = runs
-        .iter()
-        .zip(&datas)
-        .filter(|(_, d)| matches!(d, Loaded::Read(..)))
-        .filter_map(|(r, _)| r.source.map(|fo| (r.level, fo, r.len)))
-        .collect();
-    let pieces = read_pieces(layers, &reqs, READ_GAP, buffers)?;
-    let mut next = 0;
-    let datas = datas
-        .into_iter()
-        .map(|d| match d {
-            Loaded::Read(..) => {
-                let k = next;
-                next += 1;
-                Loaded::Read(k, *blake3::hash(pieces.get(k)).as_bytes())
-            }
-            other => other,
-        })
-        .collect();
-    Ok(ReadGroup {
-        runs,
-        pieces,
-        datas,
-    })
+    }
 }
 
 /// The reader side of the apply pipeline. Sends each group, then the
 /// first error if any; stops when the writer has gone.
+///
+/// Each group's reads are announced to the kernel one group ahead, so
+/// that the disk reads the next group while the reader maps and hashes
+/// this one; announced only when their turn came, the reader would wait
+/// for the disk with its CPU idle, and the disk for the reader.
 pub(super) fn read_groups<'a>(
     chain: &Chain,
     ancestor: usize,
@@ -146,6 +166,21 @@ pub(super) fn read_groups<'a>(
     buffers: &'a Buffers,
     tx: &std::sync::mpsc::SyncSender<Result<ReadGroup<'a>>>,
 ) {
+    let layers = &chain.layers;
+    let mut ahead: VecDeque<Announced> = VecDeque::new();
+    // Announces `runs`, then reads and sends the group announced
+    // `AHEAD` turns before.
+    let mut turn = |runs: Vec<Run>| -> Result<()> {
+        ahead.push_back(Announced::new(layers, sharing, runs));
+        if ahead.len() > AHEAD {
+            let g = ahead
+                .pop_front()
+                .expect("announced")
+                .read(layers, buffers)?;
+            tx.send(Ok(g)).map_err(|_| Error::Stopped("writer"))?;
+        }
+        Ok(())
+    };
     let mut group: Vec<Run> = Vec::new();
     let mut group_bytes = 0u64;
     let walked = for_each_run(chain, ancestor, from, |r| {
@@ -153,12 +188,21 @@ pub(super) fn read_groups<'a>(
         group.push(r);
         if group_bytes >= GROUP_BYTES || group.len() >= 4096 {
             group_bytes = 0;
-            let g = read_group(&chain.layers, sharing, std::mem::take(&mut group), buffers)?;
-            tx.send(Ok(g)).map_err(|_| Error::Stopped("writer"))?;
+            turn(std::mem::take(&mut group))?;
         }
         Ok(())
     });
-    let last = walked.and_then(|()| read_group(&chain.layers, sharing, group, buffers));
+    // The last group, maybe empty, is the last message.
+    let last = walked.and_then(|()| turn(group)).and_then(|()| {
+        while ahead.len() > 1 {
+            let g = ahead
+                .pop_front()
+                .expect("announced")
+                .read(layers, buffers)?;
+            tx.send(Ok(g)).map_err(|_| Error::Stopped("writer"))?;
+        }
+        ahead.pop_front().expect("announced").read(layers, buffers)
+    });
     // If the writer has gone its own error is the one reported.
     let _ = tx.send(last);
 }
@@ -245,11 +289,25 @@ fn buffer_bytes(reads: &[MergedRead]) -> usize {
     (kept + transient) as usize
 }
 
+/// Asks the kernel to start reading what `read_pieces` with `gap` will
+/// read (`io::will_need`), all at once: for scattered pieces that is one
+/// queue of many reads instead of one random read at a time.
+fn announce(layers: &[Box<dyn Layer>], reqs: &[(usize, u64, u64)], gap: u64) {
+    let mut order: Vec<usize> = (0..reqs.len()).collect();
+    order.sort_by_key(|&i| (reqs[i].0, reqs[i].1));
+    for r in plan_reads(reqs, &order, gap) {
+        if let Some(fd) = layers[reqs[order[r.i]].0].file() {
+            crate::io::will_need(fd, r.start, r.end - r.start);
+        }
+    }
+}
+
 /// Reads (level, file offset, length) pieces, merging the pieces of one
 /// file that lie within `gap` bytes into a single read: runs come in guest
 /// order, and scattered small runs (4 KiB writes) would otherwise cost a
-/// random read each. The buffers' bytes are reserved from `buffers`
-/// before the first read (which may wait for other groups to go).
+/// random read each (`announce` them first, so that the disk has them all
+/// at once). The buffers' bytes are reserved from `buffers` before the
+/// first read (which may wait for other groups to go).
 fn read_pieces<'a>(
     layers: &[Box<dyn Layer>],
     reqs: &[(usize, u64, u64)],
@@ -268,13 +326,6 @@ fn read_pieces<'a>(
         reserved: buffers.reserve(buffer_bytes(&reads)),
         pool: buffers,
     };
-    if reads.len() > 1 {
-        for r in &reads {
-            if let Some(fd) = layers[reqs[order[r.i]].0].file() {
-                crate::io::will_need(fd, r.start, r.end - r.start);
-            }
-        }
-    }
     for r in reads {
         let level = reqs[order[r.i]].0;
         let len = (r.end - r.start) as usize;
