@@ -189,6 +189,46 @@ fn a_second_signal_stops_at_once() {
     assert_eq!(common::digest_of(&b), want);
 }
 
+/// A mapped page that cannot be read raises SIGBUS (a merged file
+/// truncated by another program, a failing disk). The merge ends there as
+/// in a power cut, exits 135 and says how to go on; `recover` finishes it.
+/// The signal is sent from outside: the handler is the same one a real
+/// fault runs.
+#[test]
+fn sigbus_ends_the_merge_and_says_how_to_recover() {
+    for vhdx in [true, false] {
+        let d = tempfile::tempdir().unwrap();
+        let (b, c) = chain(d.path(), vhdx);
+        let want = common::digest_of(&c);
+        let flag = d.path().join("paused");
+        let child = merge_paused_at(&c, &[], F::AfterBatch(2), &flag);
+        wait_for(&flag);
+        let mut child = child;
+        signal(child.id(), libc::SIGBUS);
+        let t = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if t.elapsed() > Duration::from_secs(60) {
+                child.kill().unwrap();
+                panic!("SIGBUS did not end the merge");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(135), "{err}");
+        assert!(err.contains("SIGBUS"), "{err}");
+        let ancestor = b.file_name().unwrap().to_str().unwrap();
+        assert!(
+            err.contains("`vhdmerge recover ") && err.contains(&format!("{ancestor}` goes on")),
+            "{err}"
+        );
+        let r = resume_finishes(&b);
+        assert!(r["remaining"].as_u64().unwrap() > 0, "{r}");
+        assert!(!c.exists());
+        assert_eq!(common::digest_of(&b), want);
+    }
+}
+
 /// A merged file written to between the crash and the resume: the resume
 /// refuses, says which file and why, and rolls back to the exact start.
 #[test]

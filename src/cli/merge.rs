@@ -6,7 +6,7 @@ use vhdmerge::merge::{self, MergeOptions, Plan};
 use vhdmerge::recover::{self, Outcome, RecoverReport};
 
 use super::args::{MergeArgs, RecoverArgs, VerifyArg};
-use super::{Exit, bar, print_json, stop_on_signals};
+use super::{Exit, bar, exit_on_bus_error, print_json, stop_on_signals};
 
 /// What `merge` shows besides doing it.
 struct Show {
@@ -45,6 +45,7 @@ pub fn cmd_merge(a: MergeArgs, quiet: bool) -> Exit {
         eprintln!("vhdmerge: interrupted before the merge began; nothing was written");
         return Ok(130);
     }
+    exit_on_bus_error(&prepared.plan.ancestor);
     let pb = bar(show.quiet || show.json, prepared.plan.bytes, "merge");
     let report = merge::execute(prepared, &opts, &mut |done, total| {
         pb.set_length(total);
@@ -139,6 +140,7 @@ pub fn cmd_recover(a: RecoverArgs, quiet: bool) -> Exit {
         ..Default::default()
     };
     let (disk, json) = (a.disk.as_path(), a.json);
+    exit_on_bus_error(disk);
     let pb = bar(quiet || json, 0, "resume");
     let r = recover::recover_with(disk, a.rollback, &opts, &mut |done, total| {
         pb.set_length(total);

@@ -110,6 +110,31 @@ fn stop_on_signals() -> Arc<AtomicBool> {
     flag
 }
 
+/// A page of a merged file that the merge maps to read it (`io::mapped`)
+/// and that then cannot be read (another program truncated the file, or
+/// the disk failed) raises SIGBUS where it is touched, and that access
+/// cannot go on. The process ends there as in a power cut, which the
+/// journal is made for: it says how to go on and exits 135 (128 + SIGBUS,
+/// what a shell shows for a process the signal killed).
+fn exit_on_bus_error(ancestor: &Path) {
+    let msg = format!(
+        "\nvhdmerge: error: stopped by SIGBUS: a file the merge reads could not be read \
+         (truncated by another program, or a disk error). The merge is interrupted as in \
+         a power cut: `vhdmerge recover {}` goes on from its last checkpoint (or rolls it \
+         back, if the merged files changed)\n",
+        ancestor.display()
+    );
+    let msg: &'static [u8] = Box::leak(msg.into_bytes().into_boxed_slice());
+    let action = move || {
+        // SAFETY: write(2) of a buffer that lives for the whole process.
+        let _ = unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+        signal_hook::low_level::exit(135);
+    };
+    // SAFETY: the action only calls write(2) and _exit(2), both
+    // async-signal-safe; it neither allocates nor takes a lock.
+    let _ = unsafe { signal_hook::low_level::register(signal_hook::consts::SIGBUS, action) };
+}
+
 /// A byte count in IEC units ("1.5 GiB", "512 B").
 pub fn iec(n: u64) -> String {
     const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
