@@ -154,9 +154,9 @@ impl Announced {
 /// The reader side of the apply pipeline. Sends each group, then the
 /// first error if any; stops when the writer has gone.
 ///
-/// Each group's reads are announced to the kernel one group ahead, so
-/// that the disk reads the next group while the reader maps and hashes
-/// this one; announced only when their turn came, the reader would wait
+/// Each group's reads are announced to the kernel `AHEAD` groups ahead,
+/// so that the disk reads the next groups while the reader maps and
+/// hashes this one; announced only when their turn came, the reader would wait
 /// for the disk with its CPU idle, and the disk for the reader.
 pub(super) fn read_groups<'a>(
     chain: &Chain,
@@ -168,18 +168,19 @@ pub(super) fn read_groups<'a>(
 ) {
     let layers = &chain.layers;
     let mut ahead: VecDeque<Announced> = VecDeque::new();
-    // Announces `runs`, then reads and sends the group announced
-    // `AHEAD` turns before.
-    let mut turn = |runs: Vec<Run>| -> Result<()> {
+    // Reads the oldest group announced and sends it.
+    let send_oldest = |ahead: &mut VecDeque<Announced>| -> Result<()> {
+        let g = ahead.pop_front().expect("announced");
+        let g = g.read(layers, buffers)?;
+        tx.send(Ok(g)).map_err(|_| Error::Stopped("writer"))
+    };
+    // Announces `runs`, then sends the group announced `AHEAD` turns before.
+    let turn = |ahead: &mut VecDeque<Announced>, runs: Vec<Run>| -> Result<()> {
         ahead.push_back(Announced::new(layers, sharing, runs));
-        if ahead.len() > AHEAD {
-            let g = ahead
-                .pop_front()
-                .expect("announced")
-                .read(layers, buffers)?;
-            tx.send(Ok(g)).map_err(|_| Error::Stopped("writer"))?;
+        match ahead.len() > AHEAD {
+            true => send_oldest(ahead),
+            false => Ok(()),
         }
-        Ok(())
     };
     let mut group: Vec<Run> = Vec::new();
     let mut group_bytes = 0u64;
@@ -188,21 +189,19 @@ pub(super) fn read_groups<'a>(
         group.push(r);
         if group_bytes >= GROUP_BYTES || group.len() >= 4096 {
             group_bytes = 0;
-            turn(std::mem::take(&mut group))?;
+            turn(&mut ahead, std::mem::take(&mut group))?;
         }
         Ok(())
     });
     // The last group, maybe empty, is the last message.
-    let last = walked.and_then(|()| turn(group)).and_then(|()| {
-        while ahead.len() > 1 {
-            let g = ahead
-                .pop_front()
-                .expect("announced")
-                .read(layers, buffers)?;
-            tx.send(Ok(g)).map_err(|_| Error::Stopped("writer"))?;
-        }
-        ahead.pop_front().expect("announced").read(layers, buffers)
-    });
+    let last = walked
+        .and_then(|()| turn(&mut ahead, group))
+        .and_then(|()| {
+            while ahead.len() > 1 {
+                send_oldest(&mut ahead)?;
+            }
+            ahead.pop_front().expect("announced").read(layers, buffers)
+        });
     // If the writer has gone its own error is the one reported.
     let _ = tx.send(last);
 }
