@@ -352,8 +352,9 @@ impl VhdDisk {
     /// the commit, whose first flush makes the moved footer durable before
     /// any BAT entry is written. A flush here made the copy wait for the
     /// disk once per 64 blocks. A crash before that commit leaves a file
-    /// the journal undoes: the growth by truncation, the zeroed old footer
-    /// (below the epoch's length, so held) from its before-image.
+    /// the journal undoes: what lies past the epoch's length by truncation,
+    /// an old footer below it (its zeroing held) from its before-image
+    /// (`journal-format.md`, "VHD reservations").
     fn reserve(&mut self, start: u64) -> Result<()> {
         let mut end = start;
         for _ in 0..RESERVE_BLOCKS {
