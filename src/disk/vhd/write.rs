@@ -74,8 +74,10 @@ impl VhdDisk {
     }
 
     pub(super) fn write_block(&mut self, offset: u64, data: Payload<'_>) -> Result<()> {
-        let h = self.dyn_header().clone();
-        let bs = u64::from(h.block_size);
+        let (bs, bitmap_bytes) = {
+            let h = self.dyn_header();
+            (u64::from(h.block_size), h.bitmap_bytes())
+        };
         let block = offset / bs;
         let in_block = offset % bs;
         let whole = in_block == 0 && data.len() == bs;
@@ -83,7 +85,7 @@ impl VhdDisk {
             fv::UNALLOCATED => (self.allocate(block)?, true),
             s if whole && self.out_of_place && !self.dirty_bat.contains(&block) => {
                 self.released
-                    .push((fv::sectors_to_bytes(s), h.bitmap_bytes() + bs));
+                    .push((fv::sectors_to_bytes(s), bitmap_bytes + bs));
                 (self.allocate(block)?, true)
             }
             s => (fv::sectors_to_bytes(s), false),
@@ -94,10 +96,10 @@ impl VhdDisk {
             // kernel answers by zero-filling a whole read-ahead window of
             // pages that the block's data then overwrites.
             self.dirty_bitmaps
-                .insert(block, vec![0; h.bitmap_bytes() as usize]);
+                .insert(block, vec![0; bitmap_bytes as usize]);
         }
         self.src
-            .put(data, at + h.bitmap_bytes() + in_block, "block data")?;
+            .put(data, at + bitmap_bytes + in_block, "block data")?;
         // The bits that make the data visible are written at the commit,
         // after the data is durable.
         let mut bitmap = self.bitmap(block)?;
